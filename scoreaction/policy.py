@@ -1,0 +1,185 @@
+"""The score-as-action policy (Eqs. E3-E6): Gaussian transitions, log-probs, path KL, rollouts.
+
+Clock: transitions and rollouts take RL time t (t = 0 noise, t = T data); score functions take
+diffusion time s = T - t.
+
+Notation, defined once:
+    mu      = mu_theta(s, x, c), the action of the fine-tuned policy (a score);
+    s_pre   = s_pre(s, x, c), the pretrained score (the reference policy's action);
+    mean    = x + [ -f(s, x) + (1 + eta^2)/2 g(s)^2 mu ] dt        (one Euler step of E3)
+    std     = eta g(s) sqrt(dt)            if eta > 0   (Eq. E4: the Brownian increment is the exploration)
+            = 1/2 g(s)^2 dt sigma_a        if eta = 0   (explicit action noise a = mu + sigma_a xi)
+    log_prob = log N(x_next; mean, std^2 I), summed over all dimensions of a sample
+    kl       = ||mean - mean_pre||^2 / (2 std^2) = kappa(t) ||mu - s_pre||^2 dt     (Eq. E6, per step)
+    kappa(t) = (1 + eta^2)^2 / (8 eta^2) g(T - t)^2.
+
+The log-prob is the full (summed) Gaussian log-density of the transition; it equals
+log pi_theta(a_k | t_k, X_k) up to a constant that cancels in every ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+from torch import nn
+
+from scoreaction.models import ScoreModel
+from scoreaction.paths import GaussianPath
+from scoreaction.samplers.euler_maruyama import drift
+from scoreaction.samplers.grids import check_grid
+
+
+@dataclass
+class StepOutput:
+    """One transition X_k -> X_{k+1} (RL time t_k -> t_{k+1})."""
+
+    x_next: torch.Tensor
+    mean: torch.Tensor
+    std: float
+    log_prob: torch.Tensor  # (B,)
+    kl: torch.Tensor  # (B,), per-step KL to the pretrained transition
+    x0_hat: torch.Tensor  # Tweedie estimate (Eq. E2) at (t_k, X_k) from mu
+
+
+@dataclass
+class Trajectory:
+    """A batch of rollouts on one RL-time grid.
+
+    xs: (K+1, B, ...) states X_0..X_K; ts: (K+1,) RL times; log_probs, kls: (K, B);
+    x0_hats: (K, B, ...) Tweedie estimates at X_0..X_{K-1}; cond: per-sample condition or None.
+    """
+
+    xs: torch.Tensor
+    ts: torch.Tensor
+    log_probs: torch.Tensor
+    kls: torch.Tensor
+    x0_hats: torch.Tensor
+    cond: torch.Tensor | None = None
+
+    @property
+    def x_final(self) -> torch.Tensor:
+        return self.xs[-1]
+
+    @property
+    def path_kl(self) -> torch.Tensor:
+        """Accumulated path KL to the pretrained model, sum_k kl_k (Eq. E6), shape (B,)."""
+        return self.kls.sum(0)
+
+    @property
+    def steps(self) -> int:
+        return len(self.ts) - 1
+
+    def to(self, *args, **kwargs) -> "Trajectory":
+        return Trajectory(**{f.name: (v.to(*args, **kwargs) if torch.is_tensor(v) else v)
+                             for f in fields(self) for v in [getattr(self, f.name)]})
+
+
+ActionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class ScoreAsAction(nn.Module):
+    """pi_theta: the reverse process of Eq. E3 whose action is a score.
+
+    `action(s, x, cond)` is mu_theta (diffusion time s); None plays the pretrained score, giving the
+    reference policy. A trainable `action` is an nn.Module and is registered as a submodule, so
+    `policy.parameters()` are exactly the trainable parameters.
+    """
+
+    def __init__(self, path: GaussianPath, pretrained: ScoreModel, action: ActionFn | nn.Module | None = None,
+                 eta: float = 1.0, action_noise: float = 0.0):
+        super().__init__()
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, found {eta}")
+        if eta == 0 and not action_noise > 0:
+            raise ValueError(f"eta = 0 (ODE rollouts) needs explicit action noise sigma_a > 0, found {action_noise}")
+        self.path, self.pretrained, self.action = path, pretrained, action
+        self.eta, self.action_noise = float(eta), float(action_noise)
+
+    # --- the action and its reference --------------------------------------------------------
+    def score(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """mu_theta(s, x, c): the policy's action as a score function (diffusion time s).
+
+        This is what to hand any sampler: the fine-tuned policy is a score field."""
+        return (self.action or self.pretrained)(s, x, cond)
+
+    def pretrained_score(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.pretrained(s, x, cond)
+
+    # --- transitions (Eq. E4) ------------------------------------------------------------------
+    def transition_std(self, t0: float, t1: float) -> float:
+        s0, dt = self.path.T - t0, t1 - t0
+        if self.eta > 0:
+            return self.eta * float(self.path.g(s0)) * math.sqrt(dt)
+        return 0.5 * float(self.path.g2(s0)) * dt * self.action_noise
+
+    def kappa(self, t: float) -> float:
+        """kappa(t) = (1 + eta^2)^2 / (8 eta^2) g(T - t)^2 (Eq. E6); eta > 0 only."""
+        return (1 + self.eta**2) ** 2 / (8 * self.eta**2) * float(self.path.g2(self.path.T - t))
+
+    def transition(self, t0: float, t1: float, x: torch.Tensor, cond=None):
+        """(mean, std, mu, s_pre) of the Gaussian transition from RL time t0 to t1."""
+        s0, dt = self.path.T - t0, t1 - t0
+        mu = self.score(s0, x, cond)
+        s_pre = self.pretrained_score(s0, x, cond)
+        mean = x + drift(self.path, s0, x, mu, self.eta) * dt
+        return mean, self.transition_std(t0, t1), mu, s_pre
+
+    def _kl(self, t0: float, t1: float, mu: torch.Tensor, s_pre: torch.Tensor, std: float):
+        """||mean - mean_pre||^2 / (2 std^2), computed from mu - s_pre without cancellation."""
+        dmean = 0.5 * (1 + self.eta**2) * float(self.path.g2(self.path.T - t0)) * (t1 - t0) * (mu - s_pre)
+        return _sum(dmean**2) / (2 * std**2)
+
+    def log_prob(self, t0: float, t1: float, x: torch.Tensor, x_next: torch.Tensor, cond=None) -> torch.Tensor:
+        """log pi_theta(x_next | x) under the CURRENT parameters: re-scores stored transitions, (B,)."""
+        mean, std, _, _ = self.transition(t0, t1, x, cond)
+        return gaussian_log_prob(x_next, mean, std)
+
+    def step(self, t0: float, t1: float, x: torch.Tensor, cond=None, *,
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> StepOutput:
+        """Draw X_{k+1} ~ N(mean, std^2 I) and return it with its log-prob and per-step KL."""
+        mean, std, mu, s_pre = self.transition(t0, t1, x, cond)
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        x_next = mean + std * noise
+        return StepOutput(x_next=x_next, mean=mean, std=std, log_prob=gaussian_log_prob(x_next, mean, std),
+                          kl=self._kl(t0, t1, mu, s_pre, std),
+                          x0_hat=self.path.tweedie(mu, self.path.T - t0, x))
+
+    def rollout(self, x_init: torch.Tensor, ts: torch.Tensor, cond=None, *,
+                generator: torch.Generator | None = None, grad: bool = False) -> Trajectory:
+        """Roll the policy out from X_0 = x_init (RL time ts[0]) over the grid ts.
+
+        With grad=False (collection for policy-gradient methods) nothing is recorded for autograd."""
+        ts = check_grid(self.path, ts)
+        xs, log_probs, kls, x0_hats = [x_init], [], [], []
+        with torch.set_grad_enabled(grad):
+            x = x_init
+            for k in range(len(ts) - 1):
+                out = self.step(float(ts[k]), float(ts[k + 1]), x, cond, generator=generator)
+                x = out.x_next
+                xs.append(x)
+                log_probs.append(out.log_prob)
+                kls.append(out.kl)
+                x0_hats.append(out.x0_hat)
+        return Trajectory(xs=torch.stack(xs), ts=ts, log_probs=torch.stack(log_probs), kls=torch.stack(kls),
+                          x0_hats=torch.stack(x0_hats), cond=cond)
+
+    def rescore(self, traj: Trajectory) -> torch.Tensor:
+        """log-probs (K, B) of a stored trajectory's transitions under the current parameters."""
+        return torch.stack([self.log_prob(float(traj.ts[k]), float(traj.ts[k + 1]), traj.xs[k], traj.xs[k + 1],
+                                          traj.cond) for k in range(traj.steps)])
+
+
+def _sum(v: torch.Tensor) -> torch.Tensor:
+    """Sum over all but the batch dimension."""
+    return v.reshape(v.shape[0], -1).sum(-1)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+    """log N(x; mean, std^2 I) summed over each sample's dimensions, shape (B,)."""
+    n = x[0].numel()
+    return -_sum((x - mean) ** 2) / (2 * std**2) - n * (math.log(std) + 0.5 * math.log(2 * math.pi))

@@ -1,0 +1,114 @@
+"""What every task provides, and the exact machinery shared by the Gaussian and mixture tasks.
+
+A task bundles data (through its pretrained score), a reward with the RewardModel signature, the
+KL weight beta_KL and the stochasticity eta of the control problem (Eq. E5), and, where it can,
+exact references: the optimal action (Eq. E8), samples of p* and p_pre, J* and E_pre[r].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from scoreaction.models.analytic import MixtureScore
+from scoreaction.paths import GaussianPath, make_path
+from scoreaction.rewards import QuadraticReward
+from scoreaction.tasks import tilt
+
+
+@dataclass
+class TaskConfig:
+    """Fields shared by every task; subclasses add theirs. Validated on construction."""
+
+    beta_kl: float = 1.0
+    eta: float = 1.0
+    path: str = "vp"
+    path_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not (isinstance(self.beta_kl, (int, float)) and self.beta_kl >= 0):
+            raise ValueError(f"beta_kl must be a number >= 0, found {self.beta_kl!r}")
+        if not (isinstance(self.eta, (int, float)) and self.eta >= 0):
+            raise ValueError(f"eta must be a number >= 0, found {self.eta!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict, task: str) -> "TaskConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r} for task {task!r}; expected one of {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Task:
+    """Base class: `name`, `shape` (of one sample), `path`, `pretrained`, `reward`, `beta_kl`, `eta`."""
+
+    name: str
+    shape: tuple[int, ...]
+    path: GaussianPath
+    beta_kl: float
+    eta: float
+
+    def prior_sample(self, n: int, *, generator: torch.Generator | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """X_0 (RL time 0) ~ N(0, prior_std^2 I), shape (n, *shape)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"number of samples must be a positive integer, found {n!r}")
+        return self.path.prior_sample((n, *self.shape), generator=generator, dtype=dtype)
+
+    def reference(self) -> dict:
+        raise NotImplementedError(f"task {self.name!r} has no exact reference")
+
+
+class QuadraticTiltTask(Task):
+    """Mixture data + quadratic reward: everything in Eq. E8 is exact (see tilt.py)."""
+
+    pretrained: MixtureScore
+
+    def __init__(self, config: TaskConfig, weights, means, covs, reward_matrix, target):
+        self.config = config
+        self.path = make_path(config.path, **config.path_options)
+        self.pretrained = MixtureScore(self.path, weights, means, covs)
+        self.shape = (self.pretrained.dim,)
+        self.reward = QuadraticReward(reward_matrix, target)
+        self.beta_kl, self.eta = float(config.beta_kl), float(config.eta)
+
+    def _require_tilt(self) -> None:
+        if not self.beta_kl > 0:
+            raise ValueError(f"the tilt exp(r / beta_kl) needs beta_kl > 0, found {self.beta_kl}")
+
+    def log_phi(self, s: float, x: torch.Tensor) -> torch.Tensor:
+        """log phi(s, x) of Eq. E8 (diffusion time s), shape (B,)."""
+        self._require_tilt()
+        return tilt.log_phi(self.pretrained, self.reward.A, self.reward.y, self.beta_kl, s, x)
+
+    def optimal_score(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The optimal action a*(t, x) = s_pre + grad_x log phi (Eq. E8), as a score at diffusion time s."""
+        s = float(s)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.log_phi(s, xg).sum(), xg)
+        return self.pretrained(s, x) + grad
+
+    def sample_pre(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Exact terminal samples of the pretrained eta = 1 reverse process from the prior (p_pre)."""
+        x0 = self.prior_sample(n, generator=generator, dtype=torch.float64)
+        return tilt.sample_posterior(self.pretrained, self.path.T, x0, generator=generator)
+
+    def sample_optimal(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Exact samples of p*, the terminal law of the optimal path measure P* (Eq. E8)."""
+        self._require_tilt()
+        x0 = self.prior_sample(n, generator=generator, dtype=torch.float64)
+        return tilt.sample_posterior(self.pretrained, self.path.T, x0, A=self.reward.A, y=self.reward.y,
+                                     beta_kl=self.beta_kl, generator=generator)
+
+    def j_star_mc(self, n: int = 200_000, seed: int = 0) -> tuple[float, float]:
+        """J* = beta_KL E[log phi(0, X_0)] by Monte Carlo over X_0 with an exact integrand: (mean, std error)."""
+        gen = torch.Generator().manual_seed(seed)
+        vals = self.beta_kl * self.log_phi(self.path.T, self.prior_sample(n, generator=gen, dtype=torch.float64))
+        return float(vals.mean()), float(vals.std() / math.sqrt(n))
