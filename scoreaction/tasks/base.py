@@ -78,13 +78,13 @@ class QuadraticTiltTask(Task):
         self.reward = QuadraticReward(reward_matrix, target)
         self.beta_kl, self.eta = float(config.beta_kl), float(config.eta)
 
-    def _require_tilt(self) -> None:
+    def require_tilt(self) -> None:
         if not self.beta_kl > 0:
             raise ValueError(f"the tilt exp(r / beta_kl) needs beta_kl > 0, found {self.beta_kl}")
 
     def log_phi(self, s: float, x: torch.Tensor) -> torch.Tensor:
         """log phi(s, x) of Eq. E8 (diffusion time s), shape (B,)."""
-        self._require_tilt()
+        self.require_tilt()
         return tilt.log_phi(self.pretrained, self.reward.A, self.reward.y, self.beta_kl, s, x)
 
     def optimal_score(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,7 +102,7 @@ class QuadraticTiltTask(Task):
 
     def sample_optimal(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Exact samples of p*, the terminal law of the optimal path measure P* (Eq. E8)."""
-        self._require_tilt()
+        self.require_tilt()
         x0 = self.prior_sample(n, generator=generator, dtype=torch.float64)
         return tilt.sample_posterior(self.pretrained, self.path.T, x0, A=self.reward.A, y=self.reward.y,
                                      beta_kl=self.beta_kl, generator=generator)

@@ -77,7 +77,7 @@ class GaussianTask(QuadraticTiltTask):
 
     def reference(self) -> dict:
         """Closed forms of Eq. E21: J*, E_pre[r], p_pre, p* and E*[r], KL(P* || P^pre)."""
-        self._require_tilt()
+        self.require_tilt()
         m, S = self.pretrained.means[0], self.pretrained.covs[0]
         A, y, beta = self.reward.A, self.reward.y, self.beta_kl
         a, sig2, p2 = float(self.path.alpha(self.path.T)), float(self.path.sigma2(self.path.T)), self.path.prior_std**2

@@ -43,7 +43,7 @@ class MixtureTask(QuadraticTiltTask):
 
     def reference(self, n: int = 200_000, seed: int = 0) -> dict:
         """J* (Monte Carlo, exact integrand), E_pre[r] and the moments of p_pre and p* from exact samples."""
-        self._require_tilt()
+        self.require_tilt()
         gen = torch.Generator().manual_seed(seed)
         j_star, j_se = self.j_star_mc(n, seed)
         pre, star = self.sample_pre(n, generator=gen), self.sample_optimal(n, generator=gen)

@@ -1,0 +1,5 @@
+import sys
+
+from scoreaction.cli import main
+
+sys.exit(main())

@@ -1,0 +1,53 @@
+"""The `scoreaction` command. Each command group lives in its own module with `register(subparsers)`.
+
+User errors (ValueError, TypeError, missing files) print one line and exit with code 2; nothing
+the user typed produces a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from scoreaction import __version__
+from scoreaction.cli import sample
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line ('scoreaction: error: ...') and exit code 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="scoreaction",
+                            description="Fine-tune diffusion models with continuous-time RL: the score is the action.")
+    parser.add_argument("--version", action="version", version=f"scoreaction {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    sample.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError, yaml.YAMLError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        sys.stderr.write(f"scoreaction: error: {message}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("scoreaction: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

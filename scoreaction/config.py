@@ -1,0 +1,91 @@
+"""Configuration: dataclass defaults < YAML file < command-line flags and `--set key=value` overrides.
+
+Configs are plain nested dicts until a command hands each section to its dataclass, whose
+`__post_init__` validates it. YAML is read with `safe_load` only: a config is data, never code.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping; a missing file, bad YAML or a non-mapping is a ValueError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ValueError(f"config file {str(p)!r} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(p)!r} must hold a mapping, found {type(data).__name__}")
+    return data
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else in `update` replaces."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], value); the value is parsed as YAML (numbers, lists, true/false, null)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override must look like section.key=value, found {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    out = copy.deepcopy(config)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = out
+        for part in keys[:-1]:
+            if not isinstance(node.setdefault(part, {}), dict):
+                raise ValueError(f"override {item!r}: {part!r} is a value, not a section")
+            node = node[part]
+        node[keys[-1]] = value
+    return out
+
+
+def section(config: dict, name: str) -> dict:
+    value = config.get(name, {})
+    if not isinstance(value, dict):
+        raise ValueError(f"config section {name!r} must be a mapping, found {type(value).__name__}")
+    return dict(value)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write via a temporary file in the same folder and os.replace: readers see old or new, never half."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
