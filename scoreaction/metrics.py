@@ -29,3 +29,16 @@ def fit_gaussian(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def mean_and_se(v: torch.Tensor) -> tuple[float, float]:
     v = v.to(torch.float64)
     return float(v.mean()), float(v.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_projections: int = 256, seed: int = 0) -> float:
+    """Sliced 2-Wasserstein distance between two equal-size sample sets (n, d), by sorting projections."""
+    x, y = (v.reshape(v.shape[0], -1).to(torch.float64) for v in (x, y))
+    if x.shape != y.shape:
+        raise ValueError(f"sliced_wasserstein needs sample sets of equal shape, found {tuple(x.shape)} and {tuple(y.shape)}")
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(x.shape[1], n_projections, generator=gen, dtype=torch.float64)
+    theta = theta / theta.norm(dim=0, keepdim=True)
+    px, _ = torch.sort(x @ theta, dim=0)
+    py, _ = torch.sort(y @ theta, dim=0)
+    return float(torch.sqrt(((px - py) ** 2).mean()))

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from scoreaction.models import ScoreModel
-from scoreaction.paths import GaussianPath
+from scoreaction.paths import GaussianPath, _coef, _t
 from scoreaction.samplers.euler_maruyama import drift
 from scoreaction.samplers.grids import check_grid
 
@@ -38,9 +38,11 @@ class StepOutput:
 
     x_next: torch.Tensor
     mean: torch.Tensor
-    std: float
+    std: torch.Tensor  # () or (B,)
+    noise: torch.Tensor  # z with x_next = mean + std z
     log_prob: torch.Tensor  # (B,)
-    kl: torch.Tensor  # (B,), per-step KL to the pretrained transition
+    kl: torch.Tensor  # (B,), per-step KL to the pretrained transition (closed form)
+    log_ratio: torch.Tensor  # (B,), log pi_theta(x_next | x) - log pi_pre(x_next | x): a one-sample KL estimate
     x0_hat: torch.Tensor  # Tweedie estimate (Eq. E2) at (t_k, X_k) from mu
 
 
@@ -48,15 +50,19 @@ class StepOutput:
 class Trajectory:
     """A batch of rollouts on one RL-time grid.
 
-    xs: (K+1, B, ...) states X_0..X_K; ts: (K+1,) RL times; log_probs, kls: (K, B);
-    x0_hats: (K, B, ...) Tweedie estimates at X_0..X_{K-1}; cond: per-sample condition or None.
+    xs: (K+1, B, ...) states X_0..X_K; ts: (K+1,) RL times; log_probs, kls: (K, B); log_ratios: (K, B)
+    one-sample estimates log pi_theta - log pi_pre of each step's KL (mean kls, more noise);
+    x0_hats: (K, B, ...) Tweedie estimates at X_0..X_{K-1}; noises: (K, B, ...) the standard normal
+    draws z_k with X_{k+1} = mean_k + std_k z_k; cond: per-sample condition or None.
     """
 
     xs: torch.Tensor
     ts: torch.Tensor
     log_probs: torch.Tensor
     kls: torch.Tensor
+    log_ratios: torch.Tensor
     x0_hats: torch.Tensor
+    noises: torch.Tensor
     cond: torch.Tensor | None = None
 
     @property
@@ -84,8 +90,9 @@ class ScoreAsAction(nn.Module):
     """pi_theta: the reverse process of Eq. E3 whose action is a score.
 
     `action(s, x, cond)` is mu_theta (diffusion time s); None plays the pretrained score, giving the
-    reference policy. A trainable `action` is an nn.Module and is registered as a submodule, so
-    `policy.parameters()` are exactly the trainable parameters.
+    reference policy. A trainable `action` is an nn.Module and is registered as a submodule; the
+    pretrained model is a frozen reference and is not, so `policy.parameters()` are exactly the
+    trainable parameters and `policy.state_dict()` holds only the fine-tuned weights.
     """
 
     def __init__(self, path: GaussianPath, pretrained: ScoreModel, action: ActionFn | nn.Module | None = None,
@@ -95,7 +102,8 @@ class ScoreAsAction(nn.Module):
             raise ValueError(f"eta must be >= 0, found {eta}")
         if eta == 0 and not action_noise > 0:
             raise ValueError(f"eta = 0 (ODE rollouts) needs explicit action noise sigma_a > 0, found {action_noise}")
-        self.path, self.pretrained, self.action = path, pretrained, action
+        self.__dict__["pretrained"] = freeze(pretrained)
+        self.path, self.action = path, action
         self.eta, self.action_noise = float(eta), float(action_noise)
 
     # --- the action and its reference --------------------------------------------------------
@@ -106,48 +114,56 @@ class ScoreAsAction(nn.Module):
         return (self.action or self.pretrained)(s, x, cond)
 
     def pretrained_score(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        with torch.no_grad():
-            return self.pretrained(s, x, cond)
+        """s_pre(s, x, c). Frozen weights, but differentiable in x (reward backprop needs that)."""
+        return self.pretrained(s, x, cond)
 
     # --- transitions (Eq. E4) ------------------------------------------------------------------
-    def transition_std(self, t0: float, t1: float) -> float:
+    # t0, t1 are RL times: floats for a whole batch, or tensors of shape (B,) with one time per sample
+    # (minibatches of transitions drawn from different steps).
+    def transition_std(self, t0, t1) -> torch.Tensor:
+        t0, t1 = _t(t0), _t(t1)
         s0, dt = self.path.T - t0, t1 - t0
         if self.eta > 0:
-            return self.eta * float(self.path.g(s0)) * math.sqrt(dt)
-        return 0.5 * float(self.path.g2(s0)) * dt * self.action_noise
+            return self.eta * self.path.g(s0) * torch.sqrt(dt)
+        return 0.5 * self.path.g2(s0) * dt * self.action_noise
 
-    def kappa(self, t: float) -> float:
+    def kappa(self, t) -> torch.Tensor:
         """kappa(t) = (1 + eta^2)^2 / (8 eta^2) g(T - t)^2 (Eq. E6); eta > 0 only."""
-        return (1 + self.eta**2) ** 2 / (8 * self.eta**2) * float(self.path.g2(self.path.T - t))
+        return (1 + self.eta**2) ** 2 / (8 * self.eta**2) * self.path.g2(self.path.T - _t(t))
 
-    def transition(self, t0: float, t1: float, x: torch.Tensor, cond=None):
+    def transition(self, t0, t1, x: torch.Tensor, cond=None):
         """(mean, std, mu, s_pre) of the Gaussian transition from RL time t0 to t1."""
-        s0, dt = self.path.T - t0, t1 - t0
+        s0, dt = self.path.T - _t(t0), _t(t1) - _t(t0)
         mu = self.score(s0, x, cond)
         s_pre = self.pretrained_score(s0, x, cond)
-        mean = x + drift(self.path, s0, x, mu, self.eta) * dt
-        return mean, self.transition_std(t0, t1), mu, s_pre
+        mean = x + drift(self.path, s0, x, mu, self.eta) * _coef(dt, x)
+        return mean, self.transition_std(t0, t1).to(x), mu, s_pre
 
-    def _kl(self, t0: float, t1: float, mu: torch.Tensor, s_pre: torch.Tensor, std: float):
-        """||mean - mean_pre||^2 / (2 std^2), computed from mu - s_pre without cancellation."""
-        dmean = 0.5 * (1 + self.eta**2) * float(self.path.g2(self.path.T - t0)) * (t1 - t0) * (mu - s_pre)
-        return _sum(dmean**2) / (2 * std**2)
+    def kl(self, t0, t1, mu: torch.Tensor, s_pre: torch.Tensor) -> torch.Tensor:
+        """Per-step KL ||mean - mean_pre||^2 / (2 std^2) from mu - s_pre, without cancellation, (B,).
 
-    def log_prob(self, t0: float, t1: float, x: torch.Tensor, x_next: torch.Tensor, cond=None) -> torch.Tensor:
+        For eta > 0 this is kappa(t0) ||mu - s_pre||^2 dt (Eq. E6); differentiable in mu."""
+        t0, t1 = _t(t0), _t(t1)
+        scale = 0.5 * (1 + self.eta**2) * self.path.g2(self.path.T - t0) * (t1 - t0) / self.transition_std(t0, t1)
+        return 0.5 * _sum((_coef(scale, mu) * (mu - s_pre)) ** 2)
+
+    def log_prob(self, t0, t1, x: torch.Tensor, x_next: torch.Tensor, cond=None) -> torch.Tensor:
         """log pi_theta(x_next | x) under the CURRENT parameters: re-scores stored transitions, (B,)."""
         mean, std, _, _ = self.transition(t0, t1, x, cond)
         return gaussian_log_prob(x_next, mean, std)
 
-    def step(self, t0: float, t1: float, x: torch.Tensor, cond=None, *,
+    def step(self, t0, t1, x: torch.Tensor, cond=None, *,
              generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> StepOutput:
-        """Draw X_{k+1} ~ N(mean, std^2 I) and return it with its log-prob and per-step KL."""
+        """Draw X_{k+1} = mean + std z, z ~ N(0, I), with its log-prob, per-step KL and Tweedie x0_hat."""
         mean, std, mu, s_pre = self.transition(t0, t1, x, cond)
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x_next = mean + std * noise
-        return StepOutput(x_next=x_next, mean=mean, std=std, log_prob=gaussian_log_prob(x_next, mean, std),
-                          kl=self._kl(t0, t1, mu, s_pre, std),
-                          x0_hat=self.path.tweedie(mu, self.path.T - t0, x))
+        x_next = mean + _coef(std, x) * noise
+        log_prob = gaussian_log_prob(x_next, mean, std)
+        mean_pre = x + drift(self.path, self.path.T - _t(t0), x, s_pre, self.eta) * _coef(_t(t1) - _t(t0), x)
+        return StepOutput(x_next=x_next, mean=mean, std=std, noise=noise, log_prob=log_prob,
+                          kl=self.kl(t0, t1, mu, s_pre), log_ratio=log_prob - gaussian_log_prob(x_next, mean_pre, std),
+                          x0_hat=self.path.tweedie(mu, self.path.T - _t(t0), x))
 
     def rollout(self, x_init: torch.Tensor, ts: torch.Tensor, cond=None, *,
                 generator: torch.Generator | None = None, grad: bool = False) -> Trajectory:
@@ -155,18 +171,20 @@ class ScoreAsAction(nn.Module):
 
         With grad=False (collection for policy-gradient methods) nothing is recorded for autograd."""
         ts = check_grid(self.path, ts)
-        xs, log_probs, kls, x0_hats = [x_init], [], [], []
+        xs, noises, log_probs, kls, log_ratios, x0_hats = [x_init], [], [], [], [], []
         with torch.set_grad_enabled(grad):
             x = x_init
             for k in range(len(ts) - 1):
                 out = self.step(float(ts[k]), float(ts[k + 1]), x, cond, generator=generator)
                 x = out.x_next
                 xs.append(x)
+                noises.append(out.noise)
                 log_probs.append(out.log_prob)
                 kls.append(out.kl)
+                log_ratios.append(out.log_ratio)
                 x0_hats.append(out.x0_hat)
         return Trajectory(xs=torch.stack(xs), ts=ts, log_probs=torch.stack(log_probs), kls=torch.stack(kls),
-                          x0_hats=torch.stack(x0_hats), cond=cond)
+                          log_ratios=torch.stack(log_ratios), x0_hats=torch.stack(x0_hats), noises=torch.stack(noises), cond=cond)
 
     def rescore(self, traj: Trajectory) -> torch.Tensor:
         """log-probs (K, B) of a stored trajectory's transitions under the current parameters."""
@@ -174,12 +192,20 @@ class ScoreAsAction(nn.Module):
                                           traj.cond) for k in range(traj.steps)])
 
 
+def freeze(model):
+    """Stop gradients into a model's weights (not into its inputs)."""
+    if isinstance(model, nn.Module):
+        model.requires_grad_(False)
+    return model
+
+
 def _sum(v: torch.Tensor) -> torch.Tensor:
     """Sum over all but the batch dimension."""
     return v.reshape(v.shape[0], -1).sum(-1)
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
-    """log N(x; mean, std^2 I) summed over each sample's dimensions, shape (B,)."""
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
+    """log N(x; mean, std^2 I) summed over each sample's dimensions, shape (B,); std is () or (B,)."""
     n = x[0].numel()
-    return -_sum((x - mean) ** 2) / (2 * std**2) - n * (math.log(std) + 0.5 * math.log(2 * math.pi))
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
+    return -_sum((x - mean) ** 2) / (2 * std**2) - n * (torch.log(std) + 0.5 * math.log(2 * math.pi))

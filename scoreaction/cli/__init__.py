@@ -12,7 +12,7 @@ import sys
 import yaml
 
 from scoreaction import __version__
-from scoreaction.cli import sample
+from scoreaction.cli import sample, train
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -29,6 +29,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version", version=f"scoreaction {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sample.register(sub)
+    train.register(sub)
     return parser
 
 

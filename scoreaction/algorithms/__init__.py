@@ -1,0 +1,27 @@
+"""Fine-tuning algorithms, one file each, one interface (see base.py). `make_algorithm(name, ...)`."""
+
+from __future__ import annotations
+
+from scoreaction.algorithms.base import Algorithm, AlgorithmConfig, Batch, Transitions
+from scoreaction.algorithms.ctpg import CTPG
+from scoreaction.algorithms.ctrl import CTRL
+from scoreaction.algorithms.ddpo import DDPO
+from scoreaction.algorithms.dpok import DPOK
+from scoreaction.algorithms.draft import DRaFT
+from scoreaction.algorithms.grpo import GRPO
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (CTRL, CTPG, DDPO, DPOK, GRPO, DRaFT)}
+
+
+def algorithm_class(name: str) -> type[Algorithm]:
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS)}, found {name!r}")
+    return ALGORITHMS[name]
+
+
+def make_algorithm(name: str, policy, task, options: dict | None = None) -> Algorithm:
+    cls = algorithm_class(name)
+    return cls(policy, task, cls.Config.from_dict(dict(options or {}), name))
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmConfig", "Batch", "Transitions", "algorithm_class", "make_algorithm"]

@@ -1,0 +1,181 @@
+"""What all fine-tuning algorithms share: the batch they see, transitions, PPO pieces, the interface.
+
+An algorithm turns one batch of rollouts into minibatches (`prepare`, where advantages are computed
+and a value net may be fitted) and a minibatch into a loss (`loss(policy, minibatch) -> loss,
+metrics`). It does no I/O; the trainer owns the optimiser of the policy, the loop and the logs.
+Clock: RL time t throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from scoreaction.policy import ScoreAsAction, Trajectory
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, found {value!r}")
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, found {value!r}")
+
+
+@dataclass
+class AlgorithmConfig:
+    """Options every algorithm has. Validated on construction."""
+
+    lr: float = 3e-4
+    epochs: int = 1  # passes over each batch
+    minibatches: int = 1  # per pass
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        _positive("lr", self.lr)
+        _positive_int("epochs", self.epochs)
+        _positive_int("minibatches", self.minibatches)
+        _positive("max_grad_norm", self.max_grad_norm)
+
+    @classmethod
+    def from_dict(cls, values: dict, algorithm: str) -> "AlgorithmConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r} for algorithm {algorithm!r}; expected one of {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Batch:
+    """Rollouts and their terminal rewards r(X_T, c), shape (B,)."""
+
+    traj: Trajectory
+    rewards: torch.Tensor
+    beta_kl: float
+
+    @property
+    def objective(self) -> torch.Tensor:
+        """Per-sample estimate of J (Eq. E5): r(X_T) - beta_KL * path KL, shape (B,)."""
+        return self.rewards - self.beta_kl * self.traj.path_kl
+
+    @property
+    def sampled_objective(self) -> torch.Tensor:
+        """r(X_T) - beta_KL * sum_k log(pi_theta / pi_pre)(X_{k+1} | X_k): the same mean as `objective`, but
+        its KL part is a function of the sampled actions only, so a score-function gradient of it is
+        unbiased (how RLHF folds a KL into the reward). What baselines without a KL term optimise."""
+        return self.rewards - self.beta_kl * self.traj.log_ratios.sum(0)
+
+    def returns(self) -> torch.Tensor:
+        """Monte-Carlo returns G_k = r(X_T) + sum_{j >= k} rho_j dt_j with rho dt = -beta_KL kl_j, (K, B)."""
+        kl_to_go = self.traj.kls.flip(0).cumsum(0).flip(0)
+        return self.rewards.unsqueeze(0) - self.beta_kl * kl_to_go
+
+
+@dataclass
+class Transitions:
+    """Flattened transitions (N = K * B, step-major): X_k -> X_{k+1} at RL times t0 -> t1."""
+
+    t0: torch.Tensor
+    t1: torch.Tensor
+    x: torch.Tensor
+    x_next: torch.Tensor
+    log_prob: torch.Tensor
+    adv: torch.Tensor
+    k: torch.Tensor
+    cond: torch.Tensor | None = None
+
+    @classmethod
+    def from_trajectory(cls, traj: Trajectory, adv: torch.Tensor) -> "Transitions":
+        K, B = traj.log_probs.shape
+        ts = traj.ts.to(traj.xs.dtype)
+        cond = None if traj.cond is None else traj.cond.repeat(K, *[1] * (traj.cond.ndim - 1))
+        return cls(t0=ts[:-1].repeat_interleave(B), t1=ts[1:].repeat_interleave(B), x=traj.xs[:-1].flatten(0, 1),
+                   x_next=traj.xs[1:].flatten(0, 1), log_prob=traj.log_probs.flatten(), adv=adv.flatten(),
+                   k=torch.arange(K).repeat_interleave(B), cond=cond)
+
+    def __len__(self) -> int:
+        return len(self.log_prob)
+
+    def select(self, idx: torch.Tensor) -> "Transitions":
+        return Transitions(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
+                              for f in fields(self)})
+
+
+def minibatch_indices(n: int, minibatches: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """A random permutation of range(n) cut into `minibatches` nearly equal parts."""
+    return list(torch.randperm(n, generator=generator).tensor_split(minibatches))
+
+
+def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, clip: float):
+    """PPO: min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) per item (Eq. E14), and its diagnostics.
+
+    approx_kl is the k3 estimator E[(ratio - 1) - log ratio] (as in cleanrl)."""
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    with torch.no_grad():
+        diag = {"approx_kl": float(((ratio - 1) - log_ratio).mean()),
+                "clipfrac": float(((ratio - 1).abs() > clip).float().mean()),
+                "ratio_mean": float(ratio.mean())}
+    return surrogate, diag
+
+
+def normalise(adv: torch.Tensor, mode: str, eps: float = 1e-8) -> tuple[torch.Tensor, float]:
+    """Scale advantages (K, B). Returns (advantages, scale) where adv_out = (adv - shift) / scale.
+
+    none: unchanged; global: divided by one std over all steps (the objective keeps its direction,
+    so a KL term divided by the same scale keeps its weight); per_time: centred and scaled per step
+    index across the batch (as the authors' code; this changes the relative weight of steps)."""
+    if mode == "none":
+        return adv, 1.0
+    if mode == "global":
+        scale = float(adv.std()) + eps
+        return adv / scale, scale
+    if mode == "per_time":
+        return (adv - adv.mean(1, keepdim=True)) / (adv.std(1, keepdim=True) + eps), 1.0
+    raise ValueError(f"advantage normalisation must be one of ['global', 'none', 'per_time'], found {mode!r}")
+
+
+class Algorithm:
+    """Interface of every algorithm; subclasses set `name`, `Config` and implement prepare / loss."""
+
+    name: str = ""
+    Config: type[AlgorithmConfig] = AlgorithmConfig
+    unit: str = "transition"  # what a minibatch holds: transitions, or whole samples
+
+    def __init__(self, policy: ScoreAsAction, task: Any, config: AlgorithmConfig):
+        self.policy, self.task, self.config = policy, task, config
+
+    def prepare(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[Any, dict]:
+        """Per batch: advantages (and value fit). Returns (data for minibatches, metrics)."""
+        raise NotImplementedError
+
+    def minibatches(self, data: Transitions, generator: torch.Generator | None = None) -> Iterable:
+        for idx in minibatch_indices(len(data), self.config.minibatches, generator):
+            yield data.select(idx)
+
+    def loss(self, policy: ScoreAsAction, minibatch) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    # --- state the checkpoint must carry beyond the policy (value nets, their optimisers, statistics)
+    def modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {}
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able metadata) for the checkpoint."""
+        return {}, {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        pass

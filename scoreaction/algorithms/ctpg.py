@@ -1,0 +1,33 @@
+"""CTPG: the plain continuous-time policy gradient (Eq. E10), with CTRL's value net and advantages.
+
+Clock: RL time t. grad J = E sum_k grad log pi(X_{k+1} | X_k) A_k + E sum_k grad rho_k dt_k, estimated
+on-policy: one pass, no clipping. Written with the ratio exp(log pi - log pi_old), which is 1 with
+gradient grad log pi on-policy, so extra epochs would be plain (unclipped) importance sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scoreaction.algorithms.base import Transitions
+from scoreaction.algorithms.ctrl import CTRL, CTRLConfig
+from scoreaction.policy import gaussian_log_prob
+
+
+@dataclass
+class CTPGConfig(CTRLConfig):
+    epochs: int = 1
+    minibatches: int = 1
+
+
+class CTPG(CTRL):
+    name = "ctpg"
+    Config = CTPGConfig
+
+    def loss(self, policy, mb: Transitions):
+        mean, std, mu, s_pre = policy.transition(mb.t0, mb.t1, mb.x, mb.cond)
+        ratio = (gaussian_log_prob(mb.x_next, mean, std) - mb.log_prob).exp()
+        loss = -(ratio * mb.adv).mean()
+        if self.config.kl_grad and self.task.beta_kl > 0:
+            loss = loss + self.task.beta_kl * policy.kl(mb.t0, mb.t1, mu, s_pre).mean() / self.kl_scale
+        return loss, {"ratio_mean": float(ratio.mean())}

@@ -1,0 +1,137 @@
+"""CTRL: the continuous-time RL fine-tuner of "Score as Action" (Eqs. E7, E11, E12, E14, E15).
+
+Clock: RL time t. One call to `prepare` per batch of rollouts, then PPO epochs over minibatches of
+transitions with `loss`:
+
+1. Returns. G_k = r(X_T) + sum_{j >= k} rho_j dt_j, with the KL running reward rho dt = -beta_KL kl_j
+   (Eq. E6 per step), so the value targets include the regulariser (Eq. E7).
+2. Value fit. V_phi(t, x, c) = c_skip r(x0_hat) + c_out h_phi (Eq. E15) regressed on G_k at (t_k, X_k);
+   the structured part is computed once per batch, only h_phi trains.
+3. Advantages per step, with V(t_K, .) := r exactly:
+       td   (E11): A_k = V(t_{k+1}, X_{k+1}) - V(t_k, X_k) + rho_k dt_k
+       grad (E12): A_k = < grad_x V(t_{k+1}, m_k), X_{k+1} - m_k > + rho_k dt_k,  m_k the transition mean
+   then optional normalisation (`global` keeps the objective's direction, `per_time` as the authors).
+4. Surrogate (E14): maximise E sum_k min(ratio_k A_k, clip(ratio_k) A_k) - beta_KL E sum_k kl_k, where
+   the second term is the direct gradient of the running reward through mu_theta (E10, last term).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scoreaction.algorithms.base import (Algorithm, AlgorithmConfig, Batch, Transitions, _positive, _positive_int,
+                                         clipped_surrogate, minibatch_indices, normalise)
+from scoreaction.networks import MLP
+from scoreaction.policy import gaussian_log_prob
+from scoreaction.value import ValueNet
+
+ADVANTAGES = ("td", "grad")
+NORMALISATIONS = ("global", "none", "per_time")
+
+
+@dataclass
+class CTRLConfig(AlgorithmConfig):
+    lr: float = 1e-3
+    epochs: int = 4
+    minibatches: int = 4
+    clip: float = 0.2
+    advantage: str = "td"  # td (E11) or grad (E12)
+    normalize: str = "global"
+    kl_grad: bool = True  # the direct KL-gradient term of E14
+    value_lr: float = 3e-3
+    value_epochs: int = 4
+    value_minibatches: int = 4
+    value_hidden: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive("clip", self.clip)
+        _positive("value_lr", self.value_lr)
+        for name in ("value_epochs", "value_minibatches", "value_hidden"):
+            _positive_int(name, getattr(self, name))
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"advantage must be one of {list(ADVANTAGES)}, found {self.advantage!r}")
+        if self.normalize not in NORMALISATIONS:
+            raise ValueError(f"normalize must be one of {list(NORMALISATIONS)}, found {self.normalize!r}")
+
+
+class CTRL(Algorithm):
+    name = "ctrl"
+    Config = CTRLConfig
+
+    def __init__(self, policy, task, config: CTRLConfig):
+        super().__init__(policy, task, config)
+        head = getattr(task, "value_head", None)
+        head = head() if callable(head) else MLP(int(torch.Size(task.shape).numel()), 1, hidden=config.value_hidden,
+                                                 num_classes=getattr(task, "num_classes", 0), T=task.path.T)
+        self.value = ValueNet(task.path, task.pretrained, task.reward, head)
+        self.value_opt = torch.optim.Adam(self.value.parameters(), lr=config.value_lr)
+        self.kl_scale = 1.0
+
+    # --- steps 1-3: returns, value fit, advantages ----------------------------------------------
+    def fit_value(self, batch: Batch, generator=None) -> dict:
+        traj, G = batch.traj, batch.returns()
+        K, B = G.shape
+        t = traj.ts[:-1].repeat_interleave(B)
+        x = traj.xs[:-1].flatten(0, 1)
+        cond = None if traj.cond is None else traj.cond.repeat(K, *[1] * (traj.cond.ndim - 1))
+        target = G.flatten()
+        with torch.no_grad():
+            base = self.value.base(t, x, cond)
+        losses = []
+        for _ in range(self.config.value_epochs):
+            for idx in minibatch_indices(len(target), self.config.value_minibatches, generator):
+                pred = self.value(t[idx], x[idx], None if cond is None else cond[idx], base=base[idx])
+                loss = torch.mean((pred - target[idx]) ** 2)
+                self.value_opt.zero_grad()
+                loss.backward()
+                self.value_opt.step()
+                losses.append(loss.item())
+        with torch.no_grad():
+            v = self.value(t, x, cond, base=base)
+        explained = 1.0 - float(torch.var(target - v) / (torch.var(target) + 1e-12))
+        return {"value_loss": losses[-1], "value_explained_var": explained, "values": v.reshape(K, B)}
+
+    def advantages(self, batch: Batch, values: torch.Tensor) -> torch.Tensor:
+        traj = batch.traj
+        rho_dt = -batch.beta_kl * traj.kls
+        if self.config.advantage == "td":
+            v_next = torch.cat([values[1:], batch.rewards.unsqueeze(0)])  # V(t_K, .) = r exactly
+            return v_next - values + rho_dt
+        # gradient form: <grad V(t_{k+1}, m_k), X_{k+1} - m_k>, with X_{k+1} - m_k = std_k z_k
+        K, B = values.shape
+        adv = torch.empty_like(values)
+        for k in range(K):
+            t1 = float(traj.ts[k + 1])
+            step = self.policy.transition_std(float(traj.ts[k]), t1).to(traj.xs) * traj.noises[k]
+            m = (traj.xs[k + 1] - step).detach().requires_grad_(True)
+            with torch.enable_grad():
+                v = self.task.reward(m, traj.cond) if k == K - 1 else self.value(t1, m, traj.cond)
+                (grad,) = torch.autograd.grad(v.sum(), m)
+            adv[k] = (grad * step).reshape(B, -1).sum(-1)
+        return adv + rho_dt
+
+    def prepare(self, batch: Batch, generator=None):
+        fit = self.fit_value(batch, generator)
+        with torch.no_grad():
+            adv = self.advantages(batch, fit.pop("values"))
+        adv, self.kl_scale = normalise(adv, self.config.normalize)
+        return Transitions.from_trajectory(batch.traj, adv), fit
+
+    # --- step 4: the PPO surrogate with the direct KL gradient (E14) --------------------------------
+    def loss(self, policy, mb: Transitions):
+        mean, std, mu, s_pre = policy.transition(mb.t0, mb.t1, mb.x, mb.cond)
+        log_prob = gaussian_log_prob(mb.x_next, mean, std)
+        surrogate, diag = clipped_surrogate(log_prob, mb.log_prob, mb.adv, self.config.clip)
+        loss = -surrogate.mean()
+        if self.config.kl_grad and self.task.beta_kl > 0:
+            loss = loss + self.task.beta_kl * policy.kl(mb.t0, mb.t1, mu, s_pre).mean() / self.kl_scale
+        return loss, diag
+
+    def modules(self):
+        return {"value": self.value}
+
+    def optimizers(self):
+        return {"value_opt": self.value_opt}

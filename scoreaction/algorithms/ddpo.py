@@ -1,0 +1,103 @@
+"""DDPO (Black et al. 2023), Eq. E16: PPO-clip over the K-step denoising MDP.
+
+Clock: RL time t. The advantage of every step of a trajectory is its terminal reward normalised by
+running per-prompt statistics (the last `buffer_size` rewards seen for that prompt, across batches;
+the batch's own statistics until `min_count` are in), clipped to +-adv_clip. No KL term in the loss:
+with fold_kl (default) the reward is r - beta_KL * path KL, so DDPO optimises the same J as the rest.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+import torch
+
+from scoreaction.algorithms.base import (Algorithm, AlgorithmConfig, Batch, Transitions, _positive, _positive_int,
+                                         clipped_surrogate)
+from scoreaction.policy import gaussian_log_prob
+
+
+@dataclass
+class DDPOConfig(AlgorithmConfig):
+    lr: float = 1e-3
+    epochs: int = 4
+    minibatches: int = 4
+    clip: float = 0.2
+    adv_clip: float = 5.0
+    fold_kl: bool = True
+    buffer_size: int = 1024
+    min_count: int = 16
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive("clip", self.clip)
+        _positive("adv_clip", self.adv_clip)
+        _positive_int("buffer_size", self.buffer_size)
+        _positive_int("min_count", self.min_count)
+
+
+def prompt_keys(cond: torch.Tensor | None, n: int) -> list:
+    if cond is None:
+        return [None] * n
+    return [tuple(c.reshape(-1).tolist()) for c in cond]
+
+
+class PerPromptStats:
+    """Running mean/std of rewards per prompt over the last `buffer_size` values (ddpo-pytorch's tracker)."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers: dict = defaultdict(lambda: deque(maxlen=buffer_size))
+
+    def normalise(self, rewards: torch.Tensor, keys: list) -> torch.Tensor:
+        out = torch.empty_like(rewards)
+        for key in dict.fromkeys(keys):
+            idx = torch.tensor([i for i, k in enumerate(keys) if k == key])
+            self.buffers[key].extend(rewards[idx].tolist())
+            ref = torch.tensor(list(self.buffers[key]), dtype=rewards.dtype)
+            if len(ref) < self.min_count:
+                ref = rewards
+            out[idx] = (rewards[idx] - ref.mean()) / (ref.std() + 1e-6)
+        return out
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        keys = list(self.buffers)
+        tensors = {f"stats.{i}": torch.tensor(list(self.buffers[k]), dtype=torch.float64) for i, k in enumerate(keys)}
+        return tensors, {"stats_keys": [None if k is None else list(k) for k in keys]}
+
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.buffers.clear()
+        for i, key in enumerate(meta.get("stats_keys", [])):
+            self.buffers[None if key is None else tuple(key)].extend(tensors[f"stats.{i}"].tolist())
+
+
+class DDPO(Algorithm):
+    name = "ddpo"
+    Config = DDPOConfig
+
+    def __init__(self, policy, task, config: DDPOConfig):
+        super().__init__(policy, task, config)
+        self.stats = PerPromptStats(config.buffer_size, config.min_count)
+
+    def terminal_reward(self, batch: Batch) -> torch.Tensor:
+        return batch.sampled_objective if self.config.fold_kl else batch.rewards
+
+    def prepare(self, batch: Batch, generator=None):
+        K = batch.traj.steps
+        r = self.terminal_reward(batch)
+        adv = self.stats.normalise(r, prompt_keys(batch.traj.cond, len(r))).clamp(-self.config.adv_clip,
+                                                                                   self.config.adv_clip)
+        return Transitions.from_trajectory(batch.traj, adv.unsqueeze(0).expand(K, -1)), {}
+
+    def loss(self, policy, mb: Transitions):
+        mean, std, _, _ = policy.transition(mb.t0, mb.t1, mb.x, mb.cond)
+        surrogate, diag = clipped_surrogate(gaussian_log_prob(mb.x_next, mean, std), mb.log_prob, mb.adv,
+                                            self.config.clip)
+        return -surrogate.mean(), diag
+
+    def extra_state(self):
+        return self.stats.state()
+
+    def load_extra_state(self, tensors, meta):
+        self.stats.load(tensors, meta)

@@ -1,0 +1,68 @@
+"""Trainable networks for points: the residual action mu_theta and the value head h_phi.
+
+Clock: both take DIFFUSION time s (a float, or a tensor of shape (B,)). Images get their own
+networks (a UNet) through the same call signatures: `net(s, x, cond)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from scoreaction.models import ScoreModel
+from scoreaction.paths import _t
+from scoreaction.policy import freeze
+
+
+def time_features(s: torch.Tensor, n: int, batch: int, like: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """Fourier features of s / T: [cos(pi k s/T), sin(pi k s/T)] for k = 1..n/2, shape (batch, n)."""
+    s = _t(s).to(device=like.device, dtype=like.dtype).reshape(-1).expand(batch) / T
+    k = torch.arange(1, n // 2 + 1, device=like.device, dtype=like.dtype)
+    ang = math.pi * s[:, None] * k
+    return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
+
+
+class MLP(nn.Module):
+    """f(s, x, cond) -> (B, out): an MLP on [flattened x, time features, class embedding]."""
+
+    def __init__(self, dim: int, out: int, hidden: int = 128, layers: int = 3, time_dim: int = 16,
+                 num_classes: int = 0, T: float = 1.0, zero_init: bool = True):
+        super().__init__()
+        self.dim, self.time_dim, self.T = dim, time_dim, T
+        self.embed = nn.Embedding(num_classes, hidden) if num_classes > 0 else None
+        widths = [dim + time_dim] + [hidden] * (layers - 1)
+        self.body = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.head = nn.Linear(hidden, out)
+        if zero_init:  # start exactly at the pretrained model / a zero correction
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        b = x.shape[0]
+        h = torch.cat([x.reshape(b, -1), time_features(s, self.time_dim, b, x, self.T)], dim=-1)
+        for i, layer in enumerate(self.body):
+            h = layer(h)
+            if i == 0 and self.embed is not None and cond is not None:
+                h = h + self.embed(cond.long())
+            h = nn.functional.silu(h)
+        return self.head(h)
+
+
+class ResidualScore(nn.Module):
+    """mu_theta(s, x, c) = s_pre(s, x, c) + net(s, x, c): starts exactly at the pretrained score
+    when `net` starts at zero (zero-initialised head)."""
+
+    def __init__(self, pretrained: ScoreModel, net: nn.Module):
+        super().__init__()
+        self.__dict__["pretrained"] = freeze(pretrained)  # a frozen reference: not a submodule, not in parameters()
+        self.net = net
+
+    def forward(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.pretrained(s, x, cond) + self.net(s, x, cond).reshape(x.shape)
+
+
+def point_action(pretrained: ScoreModel, dim: int, num_classes: int = 0, T: float = 1.0, **mlp) -> ResidualScore:
+    """The default trainable action for point tasks: pretrained score + zero-initialised MLP."""
+    return ResidualScore(pretrained, MLP(dim, dim, num_classes=num_classes, T=T, **mlp))

@@ -1,0 +1,73 @@
+"""The trainer's configuration: one dataclass, validated on construction.
+
+YAML layout (every key optional; defaults < file < flags < --set):
+
+    task: {name: gaussian, dim: 2, beta_kl: 1.0}     # the task and its options
+    algorithm: ctrl                                  # ctrl, ctpg, ddpo, dpok, grpo, draft
+    algo: {lr: 1e-3, epochs: 4}                      # that algorithm's options (its Config dataclass)
+    steps: 20                                        # K, steps of the rollout grid
+    grid: uniform                                    # or random (a fresh grid per batch), quadratic, edm
+    batch_size: 256
+    updates: 100
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from scoreaction.algorithms import algorithm_class
+from scoreaction.algorithms.base import _positive_int
+from scoreaction.samplers import GRIDS
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass
+class TrainConfig:
+    task: dict = field(default_factory=lambda: {"name": "gaussian"})
+    algorithm: str = "ctrl"
+    algo: dict = field(default_factory=dict)
+    steps: int = 20
+    grid: str = "uniform"
+    batch_size: int = 256
+    updates: int = 100
+    seed: int = 0
+    dtype: str = "float32"
+    hidden: int = 128
+    action_noise: float = 0.0  # sigma_a for eta = 0 rollouts
+    eval_every: int = 20  # 0: only at the end
+    eval_n: int = 4096
+    eval_steps: int = 200
+    checkpoint_every: int = 0  # 0: only at the end
+    max_skipped: int = 5  # consecutive batches with a non-finite reward before the run stops
+    out: str = "runs/train"
+
+    def __post_init__(self):
+        if not isinstance(self.task, dict) or "name" not in self.task:
+            raise ValueError(f"task must be a mapping with a 'name', found {self.task!r}")
+        algorithm_class(self.algorithm)
+        if not isinstance(self.algo, dict):
+            raise ValueError(f"algo must be a mapping of options, found {self.algo!r}")
+        for name in ("steps", "batch_size", "updates", "hidden", "eval_n", "eval_steps", "max_skipped"):
+            _positive_int(name, getattr(self, name))
+        for name in ("eval_every", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, found {value!r}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {sorted(GRIDS)}, found {self.grid!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, found {self.dtype!r}")
+        if not (isinstance(self.action_noise, (int, float)) and self.action_noise >= 0):
+            raise ValueError(f"action_noise must be a number >= 0, found {self.action_noise!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option {unknown[0]!r}; expected one of {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

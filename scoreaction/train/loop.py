@@ -1,0 +1,233 @@
+"""One training loop for every algorithm, for points and images.
+
+    rollout -> reward -> (value fit, advantages: algorithm.prepare) -> policy update (epochs x
+    minibatches of algorithm.loss) -> metrics -> periodic evaluation and checkpoint
+
+Clock: RL time t for grids and rollouts. A reward that returns NaN/inf skips the update (the weights
+never see it) and `max_skipped` such batches in a row stop the run; a reward of the wrong shape or
+dtype stops it at once, with a message naming the update.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from scoreaction.algorithms import Batch, make_algorithm
+from scoreaction.config import atomic_write_bytes
+from scoreaction.evaluation import objective
+from scoreaction.networks import point_action
+from scoreaction.policy import ScoreAsAction
+from scoreaction.samplers import make_grid
+from scoreaction.tasks import make_task
+from scoreaction.train import checkpoint
+from scoreaction.train.config import TrainConfig
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+EVAL_SEED_OFFSET = 1_000_003
+
+
+class NonFiniteReward(RuntimeError):
+    pass
+
+
+def build_policy(task, config: TrainConfig) -> ScoreAsAction:
+    """The trainable policy of a task: its own `make_action` (images), else pretrained + residual MLP."""
+    if hasattr(task, "make_action"):
+        action = task.make_action(config)
+    else:
+        action = point_action(task.pretrained, int(torch.Size(task.shape).numel()), hidden=config.hidden,
+                              num_classes=getattr(task, "num_classes", 0), T=task.path.T)
+    return ScoreAsAction(task.path, task.pretrained, action, eta=task.eta, action_noise=config.action_noise)
+
+
+def check_reward(r, n: int, update: int) -> torch.Tensor:
+    if not torch.is_tensor(r) or r.shape != (n,) or not r.is_floating_point():
+        found = f"shape {tuple(r.shape)} dtype {r.dtype}" if torch.is_tensor(r) else type(r).__name__
+        raise ValueError(f"update {update}: the reward must return a float tensor of shape ({n},), found {found}")
+    return r
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, resume: str | None = None, progress: bool = True):
+        self.config, self.progress = config, progress
+        self.dtype = DTYPES[config.dtype]
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        task_options = dict(config.task)
+        self.task = make_task(task_options.pop("name"), task_options)
+        self.policy = build_policy(self.task, config).to(self.dtype)
+        self.algorithm = make_algorithm(config.algorithm, self.policy, self.task, config.algo)
+        for module in self.algorithm.modules().values():
+            module.to(self.dtype)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=self.algorithm.config.lr)
+        self.step, self.trajectories, self.skipped_in_row = 0, 0, 0
+        self.run_dir = Path(config.out)
+        if resume is not None:
+            self.load(resume)
+
+    # --- one update ---------------------------------------------------------------------------
+    def conditions(self, n: int) -> torch.Tensor | None:
+        if not hasattr(self.task, "sample_conditions"):
+            return None
+        group = getattr(self.algorithm, "group_size", 1)
+        return self.task.sample_conditions(n // group, generator=self.generator).repeat_interleave(group)
+
+    def collect(self) -> Batch:
+        cfg = self.config
+        ts = make_grid(cfg.grid, self.task.path, cfg.steps, generator=self.generator)
+        cond = self.conditions(cfg.batch_size)
+        x0 = self.task.prior_sample(cfg.batch_size, generator=self.generator, dtype=self.dtype)
+        traj = self.policy.rollout(x0, ts, cond, generator=self.generator)
+        with torch.no_grad():
+            r = check_reward(self.task.reward(traj.x_final, cond), cfg.batch_size, self.step + 1)
+        return Batch(traj=traj, rewards=r.to(self.dtype), beta_kl=self.task.beta_kl)
+
+    def update(self) -> dict:
+        start = time.perf_counter()
+        batch = self.collect()
+        self.trajectories += self.config.batch_size
+        bad = int((~torch.isfinite(batch.rewards)).sum())
+        if bad:
+            self.step += 1
+            self.skipped_in_row += 1
+            message = (f"update {self.step}: the reward returned {bad} non-finite value(s) in a batch of "
+                       f"{len(batch.rewards)}; update skipped")
+            if self.skipped_in_row >= self.config.max_skipped:
+                raise NonFiniteReward(f"{message}; stopping after {self.skipped_in_row} such batches in a row")
+            return {"step": self.step, "skipped": 1, "message": message, "trajectories": self.trajectories}
+        self.skipped_in_row = 0
+        data, metrics = self.algorithm.prepare(batch, self.generator)
+        diags, grad_norms, skipped_steps = [], [], 0
+        for _ in range(self.algorithm.config.epochs):
+            for mb in self.algorithm.minibatches(data, self.generator):
+                loss, diag = self.algorithm.loss(self.policy, mb)
+                self.optimizer.zero_grad(set_to_none=True)
+                if not torch.isfinite(loss):
+                    skipped_steps += 1
+                    continue
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.algorithm.config.max_grad_norm)
+                if not torch.isfinite(norm):
+                    skipped_steps += 1
+                    continue
+                self.optimizer.step()
+                grad_norms.append(float(norm))
+                diags.append({**diag, "loss": loss.item()})
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        objective = batch.objective
+        metrics.update({
+            "step": self.step, "trajectories": self.trajectories,
+            "reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
+            "path_kl": float(batch.traj.path_kl.mean()), "J": float(objective.mean()),
+            "grad_norm": _mean(grad_norms), "skipped_steps": skipped_steps,
+            "seconds": elapsed, "samples_per_s": self.config.batch_size / elapsed,
+            **{key: _mean([d[key] for d in diags if key in d]) for key in ("loss", "approx_kl", "clipfrac", "ratio_mean")},
+        })
+        return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+    # --- evaluation: J(theta) on a fine grid, whatever grid training used --------------------------
+    def evaluate(self, steps: int | None = None, n: int | None = None) -> dict:
+        out = objective(self.policy, self.task, steps or self.config.eval_steps, n or self.config.eval_n,
+                        seed=self.config.seed + EVAL_SEED_OFFSET, dtype=self.dtype)
+        return {f"eval_{k}": v for k, v in out.items()}
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save(self, metrics: dict | None = None) -> Path:
+        train = {"rng": self.generator.get_state()}
+        opt_tensors, opt_meta = checkpoint.optimizer_state(self.optimizer, "optimizer")
+        train.update(opt_tensors)
+        algo_opt_meta = {}
+        for name, module in self.algorithm.modules().items():
+            train.update({f"algo.{name}.{k}": v for k, v in module.state_dict().items()})
+        for name, opt in self.algorithm.optimizers().items():
+            tensors, algo_opt_meta[name] = checkpoint.optimizer_state(opt, f"algo.{name}")
+            train.update(tensors)
+        extra_tensors, extra_meta = self.algorithm.extra_state()
+        train.update({f"extra.{k}": v for k, v in extra_tensors.items()})
+        state = {"format": "scoreaction-checkpoint-1", "config": self.config.to_dict(), "step": self.step,
+                 "trajectories": self.trajectories, "metrics": metrics or {}, "optimizer": opt_meta,
+                 "algorithm_optimizers": algo_opt_meta, "algorithm_extra": extra_meta}
+        name = f"step-{self.step:06d}"
+        folder = checkpoint.save(self.run_dir / "checkpoints" / name, model=self.policy.state_dict(), train=train,
+                                 state=state)
+        checkpoint.mark_latest(self.run_dir, name)
+        return folder
+
+    def load(self, path: str) -> None:
+        folder = checkpoint.resolve(path)
+        model, train, state = checkpoint.load(folder)
+        load_policy_weights(self.policy, model, folder)
+        checkpoint.load_optimizer_state(self.optimizer, "optimizer", train, state["optimizer"])
+        for name, module in self.algorithm.modules().items():
+            prefix = f"algo.{name}."
+            module.load_state_dict({k[len(prefix):]: v for k, v in train.items() if k.startswith(prefix)})
+        for name, opt in self.algorithm.optimizers().items():
+            checkpoint.load_optimizer_state(opt, f"algo.{name}", train, state["algorithm_optimizers"][name])
+        self.algorithm.load_extra_state({k[6:]: v for k, v in train.items() if k.startswith("extra.")},
+                                        state.get("algorithm_extra", {}))
+        self.generator.set_state(train["rng"])
+        self.step, self.trajectories = int(state["step"]), int(state["trajectories"])
+
+    @classmethod
+    def from_checkpoint(cls, path: str, overrides: dict | None = None, **kw) -> "Trainer":
+        """Rebuild a run from a checkpoint (or a run folder): config, task, policy, optimisers, RNG."""
+        folder = checkpoint.resolve(path)
+        _, _, state = checkpoint.load(folder)
+        config = TrainConfig.from_dict({**state["config"], **(overrides or {})})
+        return cls(config, resume=str(folder), **kw)
+
+    # --- the loop -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+        log = open(self.run_dir / "metrics.jsonl", "a")
+        last: dict = {}
+        bar = tqdm(total=cfg.updates, initial=self.step, desc=f"{cfg.algorithm} on {self.task.name}",
+                   disable=not self.progress)
+        try:
+            while self.step < cfg.updates:
+                metrics = self.update()
+                if "message" in metrics:
+                    tqdm.write(f"scoreaction: warning: {metrics['message']}")
+                elif (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.updates:
+                    metrics.update(self.evaluate())
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                last = {**last, **metrics}
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save(last)
+                bar.update(1)
+                bar.set_postfix({k: f"{last[k]:.3g}" for k in ("reward_mean", "path_kl", "J", "eval_fraction")
+                                 if k in last})
+        finally:
+            bar.close()
+            log.close()
+        last["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.save(last)
+        return last
+
+
+def load_policy_weights(policy: ScoreAsAction, model: dict, folder) -> None:
+    expected = policy.state_dict()
+    missing = sorted(set(expected) - set(model))
+    if missing:
+        raise ValueError(f"checkpoint {str(folder)!r} does not match the policy: missing {missing[0]!r}")
+    for key, value in expected.items():
+        if model[key].shape != value.shape:
+            raise ValueError(f"checkpoint {str(folder)!r} does not match the policy: {key!r} has shape "
+                             f"{tuple(model[key].shape)}, expected {tuple(value.shape)}")
+    policy.load_state_dict({k: model[k].to(v.dtype) for k, v in expected.items()})
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values) if values else float("nan")

@@ -1,0 +1,51 @@
+"""The value network with diffusion structure (Eq. E15).
+
+Clock: RL time t (s = T - t inside).
+
+    V_phi(t, x, c) = c_skip(t) r(x0_hat(t, x), c) + c_out(t) h_phi(t, x, c),
+    c_skip = cos(pi s / 2T),  c_out = sin(pi s / 2T),
+
+with x0_hat the Tweedie estimate (Eq. E2) from the PRETRAINED score, so that the structured part is
+fixed and can be computed once per batch (`base`). At t = T (s = 0) V is r(x) exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from scoreaction.models import ScoreModel
+from scoreaction.paths import GaussianPath, _t, append_dims
+from scoreaction.rewards import RewardModel
+
+
+class ValueNet(nn.Module):
+    def __init__(self, path: GaussianPath, pretrained: ScoreModel, reward: RewardModel, head: nn.Module):
+        super().__init__()
+        self.__dict__["pretrained"] = pretrained  # frozen reference, not trained here
+        self.__dict__["reward"] = reward
+        self.path, self.head = path, head
+
+    def coefficients(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_skip, c_out) at RL time t."""
+        u = 0.5 * math.pi * (self.path.T - _t(t)) / self.path.T
+        return torch.cos(u), torch.sin(u)
+
+    def base(self, t, x: torch.Tensor, cond=None) -> torch.Tensor:
+        """r(x0_hat(t, x), c), shape (B,); differentiable in x when the reward is. r(x) where s = 0."""
+        s = (self.path.T - _t(t)).expand(x.shape[0]) if _t(t).ndim == 0 else self.path.T - _t(t)
+        at_data = s <= 1e-12
+        s_safe = torch.where(at_data, torch.full_like(s, 1e-3 * self.path.T), s)
+        x0_hat = self.path.tweedie(self.pretrained(s_safe, x, cond), s_safe, x)
+        x0_hat = torch.where(append_dims(at_data, x.ndim), x, x0_hat)
+        return self.reward(x0_hat, cond)
+
+    def forward(self, t, x: torch.Tensor, cond=None, base: torch.Tensor | None = None) -> torch.Tensor:
+        """V_phi(t, x, c), shape (B,). Pass a precomputed `base` to skip the reward evaluation."""
+        c_skip, c_out = (c.to(x) for c in self.coefficients(t))
+        if base is None:
+            base = self.base(t, x, cond)
+        s = self.path.T - _t(t)
+        return c_skip * base + c_out * self.head(s, x, cond).reshape(x.shape[0])
