@@ -12,7 +12,9 @@ sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` under any pyte
 
 from scoreaction.paths import Discrete, linear_alphas_cumprod, make_path  # noqa: E402
 
-torch.set_num_threads(2)
+# One intra-op thread: the tensors here are small, and with a busy 2-core machine two threads
+# oversubscribe and run ~20x slower (measured: 60 ms vs 3 ms per Euler step on 20000 x 4).
+torch.set_num_threads(1)
 
 FAMILIES = ["vp", "subvp", "ve", "cosine", "flow", "discrete"]
 

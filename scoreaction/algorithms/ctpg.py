@@ -30,4 +30,4 @@ class CTPG(CTRL):
         loss = -(ratio * mb.adv).mean()
         if self.config.kl_grad and self.task.beta_kl > 0:
             loss = loss + self.task.beta_kl * policy.kl(mb.t0, mb.t1, mu, s_pre).mean() / self.kl_scale
-        return loss, {"ratio_mean": float(ratio.mean())}
+        return loss, {"ratio_mean": ratio.mean().item()}

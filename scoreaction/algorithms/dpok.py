@@ -51,4 +51,4 @@ class DPOK(Algorithm):
         loss = -self.config.reward_weight * (ratio * mb.adv).mean()
         if kl_weight > 0:
             loss = loss + kl_weight * policy.kl(mb.t0, mb.t1, mu, s_pre).mean()
-        return loss, {"ratio_mean": float(ratio.mean())}
+        return loss, {"ratio_mean": ratio.mean().item()}
