@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: $(STAMP)
 	$(BIN)/scoreaction reference --task gaussian
-	$(BIN)/scoreaction sample --task gaussian --policy pretrained --solver em --steps 200 --out runs/demo/pretrained.npz
-	$(BIN)/scoreaction sample --task gaussian --policy optimal --solver em --steps 200 --out runs/demo/optimal-em.npz
-	$(BIN)/scoreaction sample --task gaussian --policy optimal --solver heun --steps 20 --out runs/demo/optimal-heun.npz
-	$(BIN)/scoreaction sample --task mixture --policy optimal --solver dpm2 --steps 20 --out runs/demo/mixture-dpm2.npz
+	$(BIN)/scoreaction train --config configs/ctrl-gaussian.yaml --out runs/ctrl-gaussian
+	$(BIN)/scoreaction evaluate --checkpoint runs/ctrl-gaussian --solver em --steps 200 --objective
+	$(BIN)/scoreaction evaluate --checkpoint runs/ctrl-gaussian --solver heun --steps 10
+	$(BIN)/scoreaction evaluate --checkpoint runs/ctrl-gaussian --solver dpm2 --steps 10
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -7,6 +7,7 @@ Configs are plain nested dicts until a command hands each section to its datacla
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,52 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# --- config dataclasses ---------------------------------------------------------------------------
+class Options:
+    """Mixin for config dataclasses: `from_dict` rejects unknown keys in one line; `to_dict`."""
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "in the config"):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r} {where}; expected one of {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive(name: str, value) -> None:
+    if not (_is_number(value) and value > 0):
+        raise ValueError(f"{name} must be a number > 0, found {value!r}")
+
+
+def check_nonnegative(name: str, value) -> None:
+    if not (_is_number(value) and value >= 0):
+        raise ValueError(f"{name} must be a number >= 0, found {value!r}")
+
+
+def check_positive_int(name: str, value) -> None:
+    if not (_is_int(value) and value >= 1):
+        raise ValueError(f"{name} must be a positive integer, found {value!r}")
+
+
+def check_nonnegative_int(name: str, value) -> None:
+    if not (_is_int(value) and value >= 0):
+        raise ValueError(f"{name} must be an integer >= 0, found {value!r}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, found {value!r}")

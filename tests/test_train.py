@@ -122,7 +122,7 @@ def test_cli_train_evaluate_resume(tmp_path, capsys):
     (["train", "--set", "algo.lr=-1"], "lr must be a number > 0, found -1"),
     (["train", "--set", "algo.clip=0"], "clip must be a number > 0, found 0"),
     (["train", "--algorithm", "ppo"], "algorithm must be one of"),
-    (["train", "--set", "learning_rate=1"], "unknown training option 'learning_rate'"),
+    (["train", "--set", "learning_rate=1"], "unknown option 'learning_rate' for training"),
     (["evaluate", "--checkpoint", "/nonexistent/run"], "is not a folder"),
 ])
 def test_cli_bad_training_input(tmp_path, capsys, argv, message):

@@ -21,7 +21,7 @@ def algorithm_class(name: str) -> type[Algorithm]:
 
 def make_algorithm(name: str, policy, task, options: dict | None = None) -> Algorithm:
     cls = algorithm_class(name)
-    return cls(policy, task, cls.Config.from_dict(dict(options or {}), name))
+    return cls(policy, task, cls.Config.from_dict(dict(options or {}), f"for algorithm {name!r}"))
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "AlgorithmConfig", "Batch", "Transitions", "algorithm_class", "make_algorithm"]

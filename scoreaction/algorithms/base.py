@@ -8,27 +8,18 @@ Clock: RL time t throughout.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from scoreaction.policy import ScoreAsAction, Trajectory
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, found {value!r}")
-
-
-def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, found {value!r}")
+from scoreaction.config import Options, check_positive, check_positive_int
+from scoreaction.policy import ScoreAsAction, Trajectory, gaussian_log_prob
 
 
 @dataclass
-class AlgorithmConfig:
+class AlgorithmConfig(Options):
     """Options every algorithm has. Validated on construction."""
 
     lr: float = 3e-4
@@ -37,21 +28,10 @@ class AlgorithmConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
-        _positive("lr", self.lr)
-        _positive_int("epochs", self.epochs)
-        _positive_int("minibatches", self.minibatches)
-        _positive("max_grad_norm", self.max_grad_norm)
-
-    @classmethod
-    def from_dict(cls, values: dict, algorithm: str) -> "AlgorithmConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown option {unknown[0]!r} for algorithm {algorithm!r}; expected one of {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        check_positive("lr", self.lr)
+        check_positive_int("epochs", self.epochs)
+        check_positive_int("minibatches", self.minibatches)
+        check_positive("max_grad_norm", self.max_grad_norm)
 
 
 @dataclass
@@ -113,6 +93,13 @@ class Transitions:
 def minibatch_indices(n: int, minibatches: int, generator: torch.Generator | None) -> list[torch.Tensor]:
     """A random permutation of range(n) cut into `minibatches` nearly equal parts."""
     return list(torch.randperm(n, generator=generator).tensor_split(minibatches))
+
+
+def rescore(policy: ScoreAsAction, mb: Transitions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under the CURRENT parameters: log pi_theta(x_next | x) of stored transitions and the per-step KL
+    to the pretrained transition (Eq. E6), both (N,) and differentiable in theta."""
+    mean, std, mu, s_pre = policy.transition(mb.t0, mb.t1, mb.x, mb.cond)
+    return gaussian_log_prob(mb.x_next, mean, std), policy.kl(mb.t0, mb.t1, mu, s_pre)
 
 
 def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, clip: float):

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scoreaction.algorithms.base import Transitions
+from scoreaction.algorithms.base import Transitions, rescore
 from scoreaction.algorithms.ctrl import CTRL, CTRLConfig
-from scoreaction.policy import gaussian_log_prob
 
 
 @dataclass
@@ -25,9 +24,9 @@ class CTPG(CTRL):
     Config = CTPGConfig
 
     def loss(self, policy, mb: Transitions):
-        mean, std, mu, s_pre = policy.transition(mb.t0, mb.t1, mb.x, mb.cond)
-        ratio = (gaussian_log_prob(mb.x_next, mean, std) - mb.log_prob).exp()
+        log_prob, kl = rescore(policy, mb)
+        ratio = (log_prob - mb.log_prob).exp()
         loss = -(ratio * mb.adv).mean()
-        if self.config.kl_grad and self.task.beta_kl > 0:
-            loss = loss + self.task.beta_kl * policy.kl(mb.t0, mb.t1, mu, s_pre).mean() / self.kl_scale
+        if self.config.kl_grad:
+            loss = loss + self.task.beta_kl * kl.mean() / self.kl_scale
         return loss, {"ratio_mean": ratio.mean().item()}

@@ -21,10 +21,18 @@ from dataclasses import dataclass
 
 import torch
 
-from scoreaction.algorithms.base import (Algorithm, AlgorithmConfig, Batch, Transitions, _positive, _positive_int,
-                                         clipped_surrogate, minibatch_indices, normalise)
+from scoreaction.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    Batch,
+    Transitions,
+    clipped_surrogate,
+    minibatch_indices,
+    normalise,
+    rescore,
+)
+from scoreaction.config import check_choice, check_positive, check_positive_int
 from scoreaction.networks import MLP
-from scoreaction.policy import gaussian_log_prob
 from scoreaction.value import ValueNet
 
 ADVANTAGES = ("td", "grad")
@@ -47,14 +55,12 @@ class CTRLConfig(AlgorithmConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive("clip", self.clip)
-        _positive("value_lr", self.value_lr)
+        check_positive("clip", self.clip)
+        check_positive("value_lr", self.value_lr)
         for name in ("value_epochs", "value_minibatches", "value_hidden"):
-            _positive_int(name, getattr(self, name))
-        if self.advantage not in ADVANTAGES:
-            raise ValueError(f"advantage must be one of {list(ADVANTAGES)}, found {self.advantage!r}")
-        if self.normalize not in NORMALISATIONS:
-            raise ValueError(f"normalize must be one of {list(NORMALISATIONS)}, found {self.normalize!r}")
+            check_positive_int(name, getattr(self, name))
+        check_choice("advantage", self.advantage, ADVANTAGES)
+        check_choice("normalize", self.normalize, NORMALISATIONS)
 
 
 class CTRL(Algorithm):
@@ -122,12 +128,11 @@ class CTRL(Algorithm):
 
     # --- step 4: the PPO surrogate with the direct KL gradient (E14) --------------------------------
     def loss(self, policy, mb: Transitions):
-        mean, std, mu, s_pre = policy.transition(mb.t0, mb.t1, mb.x, mb.cond)
-        log_prob = gaussian_log_prob(mb.x_next, mean, std)
+        log_prob, kl = rescore(policy, mb)
         surrogate, diag = clipped_surrogate(log_prob, mb.log_prob, mb.adv, self.config.clip)
         loss = -surrogate.mean()
-        if self.config.kl_grad and self.task.beta_kl > 0:
-            loss = loss + self.task.beta_kl * policy.kl(mb.t0, mb.t1, mu, s_pre).mean() / self.kl_scale
+        if self.config.kl_grad:
+            loss = loss + self.task.beta_kl * kl.mean() / self.kl_scale
         return loss, diag
 
     def modules(self):

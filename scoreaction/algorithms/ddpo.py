@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from scoreaction.algorithms.base import (Algorithm, AlgorithmConfig, Batch, Transitions, _positive, _positive_int,
-                                         clipped_surrogate)
-from scoreaction.policy import gaussian_log_prob
+from scoreaction.algorithms.base import Algorithm, AlgorithmConfig, Batch, Transitions, clipped_surrogate, rescore
+from scoreaction.config import check_positive, check_positive_int
 
 
 @dataclass
@@ -31,10 +30,10 @@ class DDPOConfig(AlgorithmConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive("clip", self.clip)
-        _positive("adv_clip", self.adv_clip)
-        _positive_int("buffer_size", self.buffer_size)
-        _positive_int("min_count", self.min_count)
+        check_positive("clip", self.clip)
+        check_positive("adv_clip", self.adv_clip)
+        check_positive_int("buffer_size", self.buffer_size)
+        check_positive_int("min_count", self.min_count)
 
 
 def prompt_keys(cond: torch.Tensor | None, n: int) -> list:
@@ -91,9 +90,8 @@ class DDPO(Algorithm):
         return Transitions.from_trajectory(batch.traj, adv.unsqueeze(0).expand(K, -1)), {}
 
     def loss(self, policy, mb: Transitions):
-        mean, std, _, _ = policy.transition(mb.t0, mb.t1, mb.x, mb.cond)
-        surrogate, diag = clipped_surrogate(gaussian_log_prob(mb.x_next, mean, std), mb.log_prob, mb.adv,
-                                            self.config.clip)
+        log_prob, _ = rescore(policy, mb)
+        surrogate, diag = clipped_surrogate(log_prob, mb.log_prob, mb.adv, self.config.clip)
         return -surrogate.mean(), diag
 
     def extra_state(self):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scoreaction.algorithms.base import Algorithm, AlgorithmConfig, Batch, Transitions, _positive
-from scoreaction.policy import gaussian_log_prob
+from scoreaction.algorithms.base import Algorithm, AlgorithmConfig, Batch, Transitions, rescore
+from scoreaction.config import check_choice, check_nonnegative, check_positive
 
 REWARD_SCALINGS = ("center", "normalize")
 
@@ -27,11 +27,10 @@ class DPOKConfig(AlgorithmConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive("reward_weight", self.reward_weight)
-        if self.kl_weight is not None and not (isinstance(self.kl_weight, (int, float)) and self.kl_weight >= 0):
-            raise ValueError(f"kl_weight must be a number >= 0, found {self.kl_weight!r}")
-        if self.reward_scaling not in REWARD_SCALINGS:
-            raise ValueError(f"reward_scaling must be one of {list(REWARD_SCALINGS)}, found {self.reward_scaling!r}")
+        check_positive("reward_weight", self.reward_weight)
+        if self.kl_weight is not None:
+            check_nonnegative("kl_weight", self.kl_weight)
+        check_choice("reward_scaling", self.reward_scaling, REWARD_SCALINGS)
 
 
 class DPOK(Algorithm):
@@ -45,10 +44,8 @@ class DPOK(Algorithm):
         return Transitions.from_trajectory(batch.traj, r.unsqueeze(0).expand(batch.traj.steps, -1)), {}
 
     def loss(self, policy, mb: Transitions):
-        mean, std, mu, s_pre = policy.transition(mb.t0, mb.t1, mb.x, mb.cond)
-        ratio = (gaussian_log_prob(mb.x_next, mean, std) - mb.log_prob).exp()
+        log_prob, kl = rescore(policy, mb)
+        ratio = (log_prob - mb.log_prob).exp()
         kl_weight = self.task.beta_kl if self.config.kl_weight is None else self.config.kl_weight
-        loss = -self.config.reward_weight * (ratio * mb.adv).mean()
-        if kl_weight > 0:
-            loss = loss + kl_weight * policy.kl(mb.t0, mb.t1, mu, s_pre).mean()
+        loss = -self.config.reward_weight * (ratio * mb.adv).mean() + kl_weight * kl.mean()
         return loss, {"ratio_mean": ratio.mean().item()}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from scoreaction.algorithms.base import Algorithm, AlgorithmConfig, Batch, minibatch_indices
+from scoreaction.config import check_nonnegative_int
 
 
 @dataclass
@@ -24,8 +25,7 @@ class DRaFTConfig(AlgorithmConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.last_k, bool) or not isinstance(self.last_k, int) or self.last_k < 0:
-            raise ValueError(f"last_k must be an integer >= 0, found {self.last_k!r}")
+        check_nonnegative_int("last_k", self.last_k)
 
 
 class DRaFT(Algorithm):

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scoreaction.algorithms.base import (Algorithm, AlgorithmConfig, Batch, Transitions, _positive, _positive_int,
-                                         clipped_surrogate)
-from scoreaction.policy import gaussian_log_prob
+from scoreaction.algorithms.base import Algorithm, AlgorithmConfig, Batch, Transitions, clipped_surrogate, rescore
+from scoreaction.config import check_nonnegative, check_positive, check_positive_int
 
 
 @dataclass
@@ -28,10 +27,9 @@ class GRPOConfig(AlgorithmConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive("clip", self.clip)
-        _positive_int("group_size", self.group_size)
-        if not (isinstance(self.kl_weight, (int, float)) and self.kl_weight >= 0):
-            raise ValueError(f"kl_weight must be a number >= 0, found {self.kl_weight!r}")
+        check_positive("clip", self.clip)
+        check_positive_int("group_size", self.group_size)
+        check_nonnegative("kl_weight", self.kl_weight)
 
 
 class GRPO(Algorithm):
@@ -52,10 +50,6 @@ class GRPO(Algorithm):
         return Transitions.from_trajectory(batch.traj, adv.unsqueeze(0).expand(batch.traj.steps, -1)), {}
 
     def loss(self, policy, mb: Transitions):
-        mean, std, mu, s_pre = policy.transition(mb.t0, mb.t1, mb.x, mb.cond)
-        surrogate, diag = clipped_surrogate(gaussian_log_prob(mb.x_next, mean, std), mb.log_prob, mb.adv,
-                                            self.config.clip)
-        loss = -surrogate.mean()
-        if self.config.kl_weight > 0:
-            loss = loss + self.config.kl_weight * policy.kl(mb.t0, mb.t1, mu, s_pre).mean()
-        return loss, diag
+        log_prob, kl = rescore(policy, mb)
+        surrogate, diag = clipped_surrogate(log_prob, mb.log_prob, mb.adv, self.config.clip)
+        return -surrogate.mean() + self.config.kl_weight * kl.mean(), diag

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scoreaction.cli.common import add_config_args, build_config, fmt_vec, save_npz
-from scoreaction.config import section
+from scoreaction.config import Options, check_choice, check_nonnegative, check_positive_int, section
 from scoreaction.metrics import fit_gaussian, gaussian_kl, mean_and_se
 from scoreaction.samplers import GRIDS, SOLVERS, get_solver, make_grid
 from scoreaction.tasks import TASKS, make_task
@@ -20,7 +20,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(Options):
     solver: str = "em"
     steps: int = 100
     grid: str = "uniform"
@@ -33,26 +33,13 @@ class SampleConfig:
 
     def __post_init__(self):
         get_solver(self.solver)
-        if self.grid not in GRIDS:
-            raise ValueError(f"grid must be one of {sorted(GRIDS)}, found {self.grid!r}")
-        for name in ("steps", "n"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, found {value!r}")
-        if self.eta is not None and not (isinstance(self.eta, (int, float)) and self.eta >= 0):
-            raise ValueError(f"eta must be a number >= 0, found {self.eta!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {list(POLICIES)}, found {self.policy!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, found {self.dtype!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "SampleConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown option {unknown[0]!r} in section 'sample'; expected one of {sorted(known)}")
-        return cls(**values)
+        check_choice("grid", self.grid, GRIDS)
+        check_positive_int("steps", self.steps)
+        check_positive_int("n", self.n)
+        if self.eta is not None:
+            check_nonnegative("eta", self.eta)
+        check_choice("policy", self.policy, POLICIES)
+        check_choice("dtype", self.dtype, DTYPES)
 
 
 def task_from_config(config: dict):
@@ -75,7 +62,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                  "sample.grid": args.grid, "sample.eta": args.eta, "sample.n": args.n,
                                  "sample.seed": args.seed, "sample.policy": args.policy, "sample.out": args.out})
     task = task_from_config(config)
-    cfg = SampleConfig.from_dict(section(config, "sample"))
+    cfg = SampleConfig.from_dict(section(config, "sample"), "in section 'sample'")
     solver = get_solver(cfg.solver)
     eta = solver.default_eta if cfg.eta is None else float(cfg.eta)
     if cfg.policy == "optimal":

@@ -26,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = build_config(args, {"task.name": args.task})
         config.update({k: v for k, v in flat.items() if v is not None})
         config = apply_overrides(config, args.overrides)
-        trainer = Trainer(TrainConfig.from_dict(config), progress=not args.quiet)
+        trainer = Trainer(TrainConfig.from_dict(config, "for training"), progress=not args.quiet)
     last = trainer.run()
     print(f"run folder {trainer.run_dir} (checkpoints/, metrics.jsonl, config.json)")
     for key in SUMMARY_KEYS:

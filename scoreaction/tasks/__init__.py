@@ -17,7 +17,7 @@ def make_task(name: str, options: dict | None = None) -> Task:
     if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, found {name!r}")
     task_cls, config_cls, _ = TASKS[name]
-    return task_cls(config_cls.from_dict(dict(options or {}), name))
+    return task_cls(config_cls.from_dict(dict(options or {}), f"for task {name!r}"))
 
 
 __all__ = ["TASKS", "Task", "TaskConfig", "make_task", "GaussianTask", "MixtureTask"]

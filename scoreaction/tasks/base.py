@@ -8,10 +8,11 @@ exact references: the optimal action (Eq. E8), samples of p* and p_pre, J* and E
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
+from scoreaction.config import Options, check_nonnegative
 from scoreaction.models.analytic import MixtureScore
 from scoreaction.paths import GaussianPath, make_path
 from scoreaction.rewards import QuadraticReward
@@ -19,7 +20,7 @@ from scoreaction.tasks import tilt
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(Options):
     """Fields shared by every task; subclasses add theirs. Validated on construction."""
 
     beta_kl: float = 1.0
@@ -28,21 +29,8 @@ class TaskConfig:
     path_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if not (isinstance(self.beta_kl, (int, float)) and self.beta_kl >= 0):
-            raise ValueError(f"beta_kl must be a number >= 0, found {self.beta_kl!r}")
-        if not (isinstance(self.eta, (int, float)) and self.eta >= 0):
-            raise ValueError(f"eta must be a number >= 0, found {self.eta!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict, task: str) -> "TaskConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown option {unknown[0]!r} for task {task!r}; expected one of {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        check_nonnegative("beta_kl", self.beta_kl)
+        check_nonnegative("eta", self.eta)
 
 
 class Task:

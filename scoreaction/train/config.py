@@ -13,17 +13,17 @@ YAML layout (every key optional; defaults < file < flags < --set):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 from scoreaction.algorithms import algorithm_class
-from scoreaction.algorithms.base import _positive_int
+from scoreaction.config import Options, check_choice, check_nonnegative, check_nonnegative_int, check_positive_int
 from scoreaction.samplers import GRIDS
 
 DTYPES = ("float32", "float64")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     task: dict = field(default_factory=lambda: {"name": "gaussian"})
     algorithm: str = "ctrl"
     algo: dict = field(default_factory=dict)
@@ -49,25 +49,9 @@ class TrainConfig:
         if not isinstance(self.algo, dict):
             raise ValueError(f"algo must be a mapping of options, found {self.algo!r}")
         for name in ("steps", "batch_size", "updates", "hidden", "eval_n", "eval_steps", "max_skipped"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         for name in ("eval_every", "checkpoint_every", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, found {value!r}")
-        if self.grid not in GRIDS:
-            raise ValueError(f"grid must be one of {sorted(GRIDS)}, found {self.grid!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, found {self.dtype!r}")
-        if not (isinstance(self.action_noise, (int, float)) and self.action_noise >= 0):
-            raise ValueError(f"action_noise must be a number >= 0, found {self.action_noise!r}")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training option {unknown[0]!r}; expected one of {sorted(known)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+            check_nonnegative_int(name, getattr(self, name))
+        check_choice("grid", self.grid, GRIDS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_nonnegative("action_noise", self.action_noise)

@@ -182,7 +182,7 @@ class Trainer:
         """Rebuild a run from a checkpoint (or a run folder): config, task, policy, optimisers, RNG."""
         folder = checkpoint.resolve(path)
         _, _, state = checkpoint.load(folder)
-        config = TrainConfig.from_dict({**state["config"], **(overrides or {})})
+        config = TrainConfig.from_dict({**state["config"], **(overrides or {})}, "for training")
         return cls(config, resume=str(folder), **kw)
 
     # --- the loop -----------------------------------------------------------------------------

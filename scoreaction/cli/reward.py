@@ -1,0 +1,5 @@
+"""`scoreaction reward ...` (placeholder until reward models land)."""
+
+
+def register(sub) -> None:
+    pass
