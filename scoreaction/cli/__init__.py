@@ -12,7 +12,7 @@ import sys
 import yaml
 
 from scoreaction import __version__
-from scoreaction.cli import feedback, reward, sample, train
+from scoreaction.cli import feedback, pretrain, reward, sample, train
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -32,6 +32,7 @@ def build_parser() -> ArgumentParser:
     train.register(sub)
     feedback.register(sub)
     reward.register(sub)
+    pretrain.register(sub)
     return parser
 
 
