@@ -69,7 +69,8 @@ class GaussianPath:
         return self._dlog_alpha(_t(s))
 
     def sigma2(self, s: Time) -> torch.Tensor:
-        return self._sigma2(_t(s))
+        """sigma(s)^2, clamped at 0 against round-off (1 - alpha^2 can come out as -1e-20 at s = 0)."""
+        return torch.clamp(self._sigma2(_t(s)), min=0.0)
 
     def dsigma2(self, s: Time) -> torch.Tensor:
         """d sigma^2 / ds."""
@@ -277,7 +278,8 @@ class Cosine(GaussianPath):
         return 0.5 * math.pi * (s + self.offset) / (1.0 + self.offset)
 
     def _log_alpha(self, s):
-        return torch.log(torch.cos(self._u(s))) - math.log(math.cos(self._u(0.0)))
+        # both cosines from torch, so that log_alpha(0) is exactly 0
+        return torch.log(torch.cos(self._u(s)) / torch.cos(self._u(torch.zeros_like(s))))
 
     def _dlog_alpha(self, s):
         return -torch.tan(self._u(s)) * 0.5 * math.pi / (1.0 + self.offset)

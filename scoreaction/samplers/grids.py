@@ -30,17 +30,35 @@ def quadratic(path: GaussianPath, steps: int) -> torch.Tensor:
     return path.T * (1.0 - (1.0 - u) ** 2)
 
 
-def edm(path: GaussianPath, steps: int, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. (2022): noise ratio r = sigma/alpha spaced uniformly in r^(1/rho)."""
+def edm(path: GaussianPath, steps: int, rho: float = 7.0, r_min: float = 2e-3) -> torch.Tensor:
+    """Karras et al. (2022): noise ratio r = sigma/alpha spaced uniformly in r^(1/rho) from r(T) down to
+    max(r(0), r_min); where the path reaches r = 0 (VP-type) that takes steps - 1 steps and the last
+    step goes from r_min to the data, as EDM's sigma_min = 0.002 followed by sigma = 0."""
     _check_steps(steps)
     if not rho > 0:
         raise ValueError(f"rho must be > 0, found {rho}")
-    r_max, r_min = float(path.noise_ratio(path.T)), float(path.noise_ratio(0.0))
-    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
-    r = (r_max ** (1 / rho) + u * (r_min ** (1 / rho) - r_max ** (1 / rho))) ** rho
-    s = torch.tensor([path.s_from_noise_ratio(float(v)) for v in r], dtype=torch.float64)
+    r_max, r_zero = float(path.noise_ratio(path.T)), float(path.noise_ratio(0.0))
+    to_zero = r_zero < r_min and steps > 1
+    r_end = r_min if to_zero else r_zero
+    u = torch.linspace(0.0, 1.0, steps + (0 if to_zero else 1), dtype=torch.float64)
+    r = (r_max ** (1 / rho) + u * (r_end ** (1 / rho) - r_max ** (1 / rho))) ** rho
+    s = [path.s_from_noise_ratio(float(v)) for v in r] + ([0.0] if to_zero else [])
+    s = torch.tensor(s, dtype=torch.float64)
     s[0], s[-1] = path.T, 0.0
     return path.T - s
+
+
+def logsnr(path: GaussianPath, steps: int, s_min: float = 1e-3, to_zero: bool = True) -> torch.Tensor:
+    """DPM-Solver's grid: uniform in lambda = log(alpha/sigma) from s = T down to s = s_min * T. With
+    to_zero, the last of the steps goes on from there to the data (s = 0, where lambda is infinite)."""
+    _check_steps(steps)
+    n = steps - 1 if to_zero and steps > 1 else steps
+    lam = torch.linspace(float(path.log_snr(path.T)), float(path.log_snr(s_min * path.T)), n + 1, dtype=torch.float64)
+    s = [path.s_from_log_snr(float(v)) for v in lam]
+    s[0], s[-1] = path.T, s_min * path.T
+    if to_zero:
+        s = s + [0.0] if steps > 1 else [path.T, 0.0]
+    return path.T - torch.tensor(s, dtype=torch.float64)
 
 
 def random(path: GaussianPath, steps: int, generator: torch.Generator | None = None,
@@ -55,7 +73,7 @@ def random(path: GaussianPath, steps: int, generator: torch.Generator | None = N
     return path.T * (k + jitter * u) / steps
 
 
-GRIDS = {"uniform": uniform, "quadratic": quadratic, "edm": edm, "random": random}
+GRIDS = {"uniform": uniform, "quadratic": quadratic, "edm": edm, "logsnr": logsnr, "random": random}
 
 
 def make_grid(name: str, path: GaussianPath, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
