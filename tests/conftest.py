@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import helpers` under any pytest import mode
 
-from scoreaction.paths import Discrete, linear_alphas_cumprod, make_path  # noqa: E402
+from scoreaction.paths import Discrete, linear_alphas_cumprod, make_path
 
 # One intra-op thread: the tensors here are small, and with a busy 2-core machine two threads
 # oversubscribe and run ~20x slower (measured: 60 ms vs 3 ms per Euler step on 20000 x 4).

@@ -8,6 +8,11 @@ Clock: RL time t on the grid, diffusion time s = T - t inside; lambda(s) = log(a
 
 A step that ends where sigma = 0 (lambda = inf) is first order (DDIM), as the reference code's
 `lower_order_final`.
+
+ORDER = 2 is the order in the log-SNR step h. Use it with grid `logsnr` (uniform in lambda, as the
+reference code): on a grid uniform in t that ends at s = 0, the last log-SNR increments near the
+data are 1/2 log((k+1)/k), which do not shrink with dt, and the final first-order step costs
+O(sigma(s_{K-1})^2); the observed order there is about 1.6, tending to 1 (measured in the tests).
 """
 
 from __future__ import annotations
