@@ -13,6 +13,7 @@ import yaml
 
 from scoreaction import __version__
 from scoreaction.cli import feedback, pretrain, reward, sample, train
+from scoreaction.cli import bench
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -30,6 +31,7 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sample.register(sub)
     train.register(sub)
+    bench.register(sub)
     feedback.register(sub)
     reward.register(sub)
     pretrain.register(sub)

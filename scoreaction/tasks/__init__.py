@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from scoreaction.tasks.base import Task, TaskConfig
+from scoreaction.tasks.digits import DigitsConfig, DigitsTask
 from scoreaction.tasks.gaussian import GaussianConfig, GaussianTask
 from scoreaction.tasks.mixture import MixtureConfig, MixtureTask
 
 TASKS = {
     "gaussian": (GaussianTask, GaussianConfig, "N(m, S) data in any dimension, quadratic reward; J*, p* in closed form (E21)"),
     "mixture": (MixtureTask, MixtureConfig, "Gaussian-mixture data (2-D default), quadratic reward; exact p* sampler (E22)"),
+    "digits": (DigitsTask, DigitsConfig, "class-conditional 8x8 digits: our UNet (CFG), reward log p(class | x) of our classifier"),
 }
 
 

@@ -76,12 +76,19 @@ class QuadraticTiltTask(Task):
         return tilt.log_phi(self.pretrained, self.reward.A, self.reward.y, self.beta_kl, s, x)
 
     def optimal_score(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The optimal action a*(t, x) = s_pre + grad_x log phi (Eq. E8), as a score at diffusion time s."""
-        s = float(s)
+        """The optimal action a*(t, x) = s_pre + grad_x log phi (Eq. E8), as a score at diffusion time s
+        (a float, or one time per sample of shape (B,))."""
+        s = torch.as_tensor(s, dtype=torch.float64)
+        if s.ndim == 1:
+            out = torch.empty_like(x)
+            for value in torch.unique(s):
+                idx = s == value
+                out[idx] = self.optimal_score(float(value), x[idx], cond)
+            return out
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.log_phi(s, xg).sum(), xg)
-        return self.pretrained(s, x) + grad
+            (grad,) = torch.autograd.grad(self.log_phi(float(s), xg).sum(), xg)
+        return self.pretrained(float(s), x) + grad
 
     def sample_pre(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Exact terminal samples of the pretrained eta = 1 reverse process from the prior (p_pre)."""
