@@ -1,0 +1,45 @@
+"""`scoreaction bench`: optimality, solver robustness and cost of every algorithm (see scoreaction/bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from scoreaction.bench import REPORT, SECTIONS, BenchConfig, run
+
+
+def parse_sections(text: str) -> tuple:
+    sections = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise ValueError(f"--only takes a comma-separated subset of {','.join(SECTIONS)}, found {text!r}")
+    return sections
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    sections = parse_sections(args.only) if args.only else SECTIONS
+    command = shlex.join(["scoreaction", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "scoreaction bench"
+    if args.quick:
+        out = args.out or tempfile.mkdtemp(prefix="scoreaction-bench-")
+        config = BenchConfig.quick_config(out, seed=args.seed, sections=sections, command=command)
+    else:
+        config = BenchConfig(out=args.out or "docs/benchmarks", sections=sections, seed=args.seed, command=command,
+                             workers=args.workers)
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    run(config, log=log)
+    print(Path(config.out) / REPORT)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark every algorithm: optimality, solver robustness, cost")
+    p.add_argument("--out", help="output folder (default docs/benchmarks; with --quick a fresh temporary folder)")
+    p.add_argument("--quick", action="store_true", help="tiny budgets, under a minute: a smoke test")
+    p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--workers", type=int, default=2, help="processes for the training runs (default 2)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(run=cmd_bench)
