@@ -101,3 +101,13 @@ def test_usage_errors_from_a_real_process(tmp_path):
                               cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_sample_a_conditional_image_task(capsys, tmp_path):
+    out_file = tmp_path / "digits.npz"
+    code, out, err = run(capsys, "sample", "--task", "digits", "--solver", "ddim", "--steps", "3", "--n", "6",
+                         "--out", str(out_file), "-q")
+    assert code == 0, err
+    data = np.load(out_file, allow_pickle=False)
+    assert data["samples"].shape == (6, 1, 8, 8) and data["conditions"].shape == (6,)
+    assert "exact E[r]" not in out  # no closed form for images

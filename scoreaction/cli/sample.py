@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from scoreaction.cli.common import add_config_args, build_config, fmt_vec, save_npz
 from scoreaction.config import Options, check_choice, check_nonnegative, check_positive_int, section
+from scoreaction.evaluation import reference_of
 from scoreaction.metrics import fit_gaussian, gaussian_kl, mean_and_se
 from scoreaction.samplers import GRIDS, SOLVERS, get_solver, make_grid
 from scoreaction.tasks import TASKS, make_task
@@ -72,21 +73,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
     score = task.optimal_score if cfg.policy == "optimal" else task.pretrained
 
     gen = torch.Generator().manual_seed(cfg.seed)
+    cond = task.sample_conditions(cfg.n, generator=gen) if hasattr(task, "sample_conditions") else None
     x = task.prior_sample(cfg.n, generator=gen, dtype=DTYPES[cfg.dtype])
     ts = make_grid(cfg.grid, task.path, cfg.steps, generator=gen)
     with tqdm(total=cfg.steps, desc=f"{cfg.solver} x {cfg.steps}", disable=args.quiet, leave=False) as bar:
         with torch.no_grad():
-            x_T = solver.sample(task.path, score, x, ts, eta=eta, generator=gen, callback=lambda _: bar.update())
-    rewards = task.reward(x_T)
-    save_npz(cfg.out, samples=x_T.numpy(), rewards=rewards.numpy(), times=ts.numpy(),
+            x_T = solver.sample(task.path, score, x, ts, cond=cond, eta=eta, generator=gen,
+                                callback=lambda _: bar.update())
+    rewards = task.reward(x_T, cond)
+    extra = {} if cond is None else {"conditions": cond.numpy()}
+    save_npz(cfg.out, samples=x_T.numpy(), rewards=rewards.numpy(), times=ts.numpy(), **extra,
              config={**config, "sample": {**vars(cfg), "eta": eta}})
 
     r_mean, r_se = mean_and_se(rewards)
     print(f"task {task.name} {task.shape}  policy {cfg.policy}  solver {cfg.solver} (order {solver.order})  "
           f"steps {cfg.steps}  grid {cfg.grid}  eta {eta:g}  n {cfg.n}")
     print(f"mean reward     {r_mean:.4f} +- {r_se:.4f}")
-    if task.beta_kl > 0:
-        ref = task.reference()
+    ref = reference_of(task)
+    if ref is not None:
         which = "star" if cfg.policy == "optimal" else "pre"
         print(f"exact E[r]      {ref['E_star_r' if which == 'star' else 'E_pre_r']:.4f}   "
               f"(p_{which}; J* = {ref['J_star']:.4f}, E_pre[r] = {ref['E_pre_r']:.4f})")
