@@ -6,9 +6,11 @@ Configs are plain nested dicts until a command hands each section to its datacla
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,27 @@ def section(config: dict, name: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"config section {name!r} must be a mapping, found {type(value).__name__}")
     return dict(value)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike):
+    """Build a folder beside its final name, then rename it into place (replacing an old one), so that
+    readers see the old folder or the new one, never half of either. Yields the folder to fill."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

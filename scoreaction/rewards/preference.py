@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from scoreaction.config import atomic_write_bytes
+from scoreaction.config import atomic_folder, atomic_write_bytes
 
 FORMAT = "scoreaction.bradley_terry"
 FORMAT_VERSION = 1
@@ -318,21 +317,13 @@ class BTRewardModel(nn.Module):
 
     def save(self, folder: str | os.PathLike, metadata: dict | None = None) -> Path:
         """model.safetensors + reward.json, written into a temporary folder and renamed into place."""
-        folder = Path(folder)
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         metadata = self.metadata if metadata is None else metadata
         config = {"format": FORMAT, "version": FORMAT_VERSION, **self.config, "metadata": metadata}
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        atomic_write_bytes(tmp / "reward.json", json.dumps(config, indent=1, default=float).encode())
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-        return folder
+        with atomic_folder(folder) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                      str(tmp / "model.safetensors"))
+            atomic_write_bytes(tmp / "reward.json", json.dumps(config, indent=1, default=float).encode())
+        return Path(folder)
 
 
 def load_reward_model(folder: str | os.PathLike) -> BTRewardModel:

@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from scoreaction.config import atomic_write_bytes, check_choice, check_nonnegative, check_positive_int
+from scoreaction.config import atomic_folder, atomic_write_bytes, check_choice, check_nonnegative, check_positive_int
 from scoreaction.image_metrics import image_report
 from scoreaction.models.classifier import (
     ClassifierConfig,
@@ -186,20 +185,12 @@ def load_classifier(folder: str | os.PathLike) -> DigitClassifier:
 
 def save_checkpoint(folder: str | os.PathLike, unet: UNet, classifier: DigitClassifier, manifest: dict) -> Path:
     """Write the folder atomically: built beside its final name, then renamed into place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(tmp / UNET_FILE))
-    save_file({k: v.detach().contiguous() for k, v in classifier.state_dict().items()}, str(tmp / CLASSIFIER_FILE))
-    atomic_write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    with atomic_folder(folder) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(tmp / UNET_FILE))
+        save_file({k: v.detach().contiguous() for k, v in classifier.state_dict().items()},
+                  str(tmp / CLASSIFIER_FILE))
+        atomic_write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    return Path(folder)
 
 
 # --- rewards ----------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scoreaction.config import atomic_write_bytes
+from scoreaction.config import atomic_folder, atomic_write_bytes
 
 FILES = ("model.safetensors", "train.safetensors", "state.json")
 
@@ -51,19 +50,11 @@ def load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict,
 
 
 def save(folder: str | os.PathLike, *, model: dict[str, torch.Tensor], train: dict[str, torch.Tensor], state: dict) -> Path:
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
-    save_file({k: v.detach().contiguous() for k, v in train.items()}, str(tmp / "train.safetensors"))
-    atomic_write_bytes(tmp / "state.json", json.dumps(state, indent=1, default=float).encode())
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    with atomic_folder(folder) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.detach().contiguous() for k, v in train.items()}, str(tmp / "train.safetensors"))
+        atomic_write_bytes(tmp / "state.json", json.dumps(state, indent=1, default=float).encode())
+    return Path(folder)
 
 
 def load(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
