@@ -17,11 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/scoreaction reference --task gaussian
-	$(BIN)/scoreaction train --config configs/ctrl-gaussian.yaml --out runs/ctrl-gaussian
-	$(BIN)/scoreaction evaluate --checkpoint runs/ctrl-gaussian --solver em --steps 200 --objective
-	$(BIN)/scoreaction evaluate --checkpoint runs/ctrl-gaussian --solver heun --steps 10
-	$(BIN)/scoreaction evaluate --checkpoint runs/ctrl-gaussian --solver dpm2 --steps 10
+	$(BIN)/scoreaction quickstart --out runs/quickstart
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -54,13 +54,18 @@ class ResidualScore(nn.Module):
     """mu_theta(s, x, c) = s_pre(s, x, c) + net(s, x, c): starts exactly at the pretrained score
     when `net` starts at zero (zero-initialised head)."""
 
+    takes_pretrained = True  # ScoreAsAction may pass a cached s_pre
+
     def __init__(self, pretrained: ScoreModel, net: nn.Module):
         super().__init__()
         self.__dict__["pretrained"] = freeze(pretrained)  # a frozen reference: not a submodule, not in parameters()
         self.net = net
 
-    def forward(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        return self.pretrained(s, x, cond) + self.net(s, x, cond).reshape(x.shape)
+    def forward(self, s, x: torch.Tensor, cond: torch.Tensor | None = None, s_pre: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        if s_pre is None:
+            s_pre = self.pretrained(s, x, cond)
+        return s_pre + self.net(s, x, cond).reshape(x.shape)
 
 
 def point_action(pretrained: ScoreModel, dim: int, num_classes: int = 0, T: float = 1.0, **mlp) -> ResidualScore:

@@ -44,6 +44,7 @@ class StepOutput:
     kl: torch.Tensor  # (B,), per-step KL to the pretrained transition (closed form)
     log_ratio: torch.Tensor  # (B,), log pi_theta(x_next | x) - log pi_pre(x_next | x): a one-sample KL estimate
     x0_hat: torch.Tensor  # Tweedie estimate (Eq. E2) at (t_k, X_k) from mu
+    s_pre: torch.Tensor  # the pretrained score at (t_k, X_k): fixed for the whole update, so it is cached
 
 
 @dataclass
@@ -53,7 +54,9 @@ class Trajectory:
     xs: (K+1, B, ...) states X_0..X_K; ts: (K+1,) RL times; log_probs, kls: (K, B); log_ratios: (K, B)
     one-sample estimates log pi_theta - log pi_pre of each step's KL (mean kls, more noise);
     x0_hats: (K, B, ...) Tweedie estimates at X_0..X_{K-1}; noises: (K, B, ...) the standard normal
-    draws z_k with X_{k+1} = mean_k + std_k z_k; cond: per-sample condition or None.
+    draws z_k with X_{k+1} = mean_k + std_k z_k; cond: per-sample condition or None; pre_scores:
+    (K, B, ...) the pretrained score s_pre(T - t_k, X_k, c): the reference never changes, so re-scoring
+    the stored transitions (every epoch of PPO) reuses it instead of running the pretrained model again.
     """
 
     xs: torch.Tensor
@@ -64,6 +67,7 @@ class Trajectory:
     x0_hats: torch.Tensor
     noises: torch.Tensor
     cond: torch.Tensor | None = None
+    pre_scores: torch.Tensor | None = None
 
     @property
     def x_final(self) -> torch.Tensor:
@@ -90,7 +94,8 @@ class ScoreAsAction(nn.Module):
     """pi_theta: the reverse process of Eq. E3 whose action is a score.
 
     `action(s, x, cond)` is mu_theta (diffusion time s); None plays the pretrained score, giving the
-    reference policy. A trainable `action` is an nn.Module and is registered as a submodule; the
+    reference policy. An action that builds on the pretrained score (a residual) sets
+    `takes_pretrained = True` and accepts `s_pre=` so that a score computed once is not computed twice. A trainable `action` is an nn.Module and is registered as a submodule; the
     pretrained model is a frozen reference and is not, so `policy.parameters()` are exactly the
     trainable parameters and `policy.state_dict()` holds only the fine-tuned weights.
     """
@@ -107,11 +112,17 @@ class ScoreAsAction(nn.Module):
         self.eta, self.action_noise = float(eta), float(action_noise)
 
     # --- the action and its reference --------------------------------------------------------
-    def score(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def score(self, s, x: torch.Tensor, cond: torch.Tensor | None = None, s_pre: torch.Tensor | None = None
+              ) -> torch.Tensor:
         """mu_theta(s, x, c): the policy's action as a score function (diffusion time s).
 
-        This is what to hand any sampler: the fine-tuned policy is a score field."""
-        return (self.action or self.pretrained)(s, x, cond)
+        This is what to hand any sampler: the fine-tuned policy is a score field. `s_pre`, the
+        pretrained score at (s, x, c) if already known, saves a pretrained evaluation."""
+        if self.action is None:
+            return self.pretrained(s, x, cond) if s_pre is None else s_pre
+        if s_pre is not None and getattr(self.action, "takes_pretrained", False):
+            return self.action(s, x, cond, s_pre=s_pre)
+        return self.action(s, x, cond)
 
     def pretrained_score(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """s_pre(s, x, c). Frozen weights, but differentiable in x (reward backprop needs that)."""
@@ -131,11 +142,13 @@ class ScoreAsAction(nn.Module):
         """kappa(t) = (1 + eta^2)^2 / (8 eta^2) g(T - t)^2 (Eq. E6); eta > 0 only."""
         return (1 + self.eta**2) ** 2 / (8 * self.eta**2) * self.path.g2(self.path.T - _t(t))
 
-    def transition(self, t0, t1, x: torch.Tensor, cond=None):
-        """(mean, std, mu, s_pre) of the Gaussian transition from RL time t0 to t1."""
+    def transition(self, t0, t1, x: torch.Tensor, cond=None, s_pre: torch.Tensor | None = None):
+        """(mean, std, mu, s_pre) of the Gaussian transition from RL time t0 to t1; pass `s_pre` (the
+        pretrained score at (t0, x), e.g. cached in a Trajectory) to skip the pretrained model."""
         s0, dt = self.path.T - _t(t0), _t(t1) - _t(t0)
-        mu = self.score(s0, x, cond)
-        s_pre = self.pretrained_score(s0, x, cond)
+        if s_pre is None:
+            s_pre = self.pretrained_score(s0, x, cond)
+        mu = self.score(s0, x, cond, s_pre=s_pre)
         mean = x + drift(self.path, s0, x, mu, self.eta) * _coef(dt, x)
         return mean, self.transition_std(t0, t1).to(x), mu, s_pre
 
@@ -163,7 +176,7 @@ class ScoreAsAction(nn.Module):
         mean_pre = x + drift(self.path, self.path.T - _t(t0), x, s_pre, self.eta) * _coef(_t(t1) - _t(t0), x)
         return StepOutput(x_next=x_next, mean=mean, std=std, noise=noise, log_prob=log_prob,
                           kl=self.kl(t0, t1, mu, s_pre), log_ratio=log_prob - gaussian_log_prob(x_next, mean_pre, std),
-                          x0_hat=self.path.tweedie(mu, self.path.T - _t(t0), x))
+                          x0_hat=self.path.tweedie(mu, self.path.T - _t(t0), x), s_pre=s_pre)
 
     def rollout(self, x_init: torch.Tensor, ts: torch.Tensor, cond=None, *,
                 generator: torch.Generator | None = None, grad: bool = False) -> Trajectory:
@@ -171,7 +184,7 @@ class ScoreAsAction(nn.Module):
 
         With grad=False (collection for policy-gradient methods) nothing is recorded for autograd."""
         ts = check_grid(self.path, ts)
-        xs, noises, log_probs, kls, log_ratios, x0_hats = [x_init], [], [], [], [], []
+        xs, noises, log_probs, kls, log_ratios, x0_hats, pre = [x_init], [], [], [], [], [], []
         with torch.set_grad_enabled(grad):
             x = x_init
             for k in range(len(ts) - 1):
@@ -183,13 +196,19 @@ class ScoreAsAction(nn.Module):
                 kls.append(out.kl)
                 log_ratios.append(out.log_ratio)
                 x0_hats.append(out.x0_hat)
+                pre.append(out.s_pre)
         return Trajectory(xs=torch.stack(xs), ts=ts, log_probs=torch.stack(log_probs), kls=torch.stack(kls),
-                          log_ratios=torch.stack(log_ratios), x0_hats=torch.stack(x0_hats), noises=torch.stack(noises), cond=cond)
+                          log_ratios=torch.stack(log_ratios), x0_hats=torch.stack(x0_hats), noises=torch.stack(noises),
+                          cond=cond, pre_scores=torch.stack(pre))
 
     def rescore(self, traj: Trajectory) -> torch.Tensor:
         """log-probs (K, B) of a stored trajectory's transitions under the current parameters."""
-        return torch.stack([self.log_prob(float(traj.ts[k]), float(traj.ts[k + 1]), traj.xs[k], traj.xs[k + 1],
-                                          traj.cond) for k in range(traj.steps)])
+        out = []
+        for k in range(traj.steps):
+            s_pre = None if traj.pre_scores is None else traj.pre_scores[k]
+            mean, std, _, _ = self.transition(float(traj.ts[k]), float(traj.ts[k + 1]), traj.xs[k], traj.cond, s_pre)
+            out.append(gaussian_log_prob(traj.xs[k + 1], mean, std))
+        return torch.stack(out)
 
 
 def freeze(model):

@@ -33,12 +33,14 @@ class ValueNet(nn.Module):
         u = 0.5 * math.pi * (self.path.T - _t(t)) / self.path.T
         return torch.cos(u), torch.sin(u)
 
-    def base(self, t, x: torch.Tensor, cond=None) -> torch.Tensor:
-        """r(x0_hat(t, x), c), shape (B,); differentiable in x when the reward is. r(x) where s = 0."""
+    def base(self, t, x: torch.Tensor, cond=None, s_pre: torch.Tensor | None = None) -> torch.Tensor:
+        """r(x0_hat(t, x), c), shape (B,); differentiable in x when the reward is. r(x) where s = 0.
+        `s_pre`: the pretrained score at (t, x) if already known (a rollout caches it)."""
         s = (self.path.T - _t(t)).expand(x.shape[0]) if _t(t).ndim == 0 else self.path.T - _t(t)
         at_data = s <= 1e-12
         s_safe = torch.where(at_data, torch.full_like(s, 1e-3 * self.path.T), s)
-        x0_hat = self.path.tweedie(self.pretrained(s_safe, x, cond), s_safe, x)
+        score = self.pretrained(s_safe, x, cond) if s_pre is None or bool(at_data.any()) else s_pre
+        x0_hat = self.path.tweedie(score, s_safe, x)
         x0_hat = torch.where(append_dims(at_data, x.ndim), x, x0_hat)
         return self.reward(x0_hat, cond)
 

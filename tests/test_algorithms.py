@@ -68,6 +68,25 @@ def test_td_advantages_on_a_hand_made_case(tmp_path):
     assert adv[0, 0] > 0 > adv[0, 1] and adv[1, 0] > 0 > adv[1, 1]  # better outcome, positive advantage
 
 
+def test_gae_lambda_mixes_td_advantages_up_to_the_monte_carlo_return(tmp_path):
+    xs = torch.zeros(4, 2, 2, dtype=torch.float64)
+    rewards = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    kls = torch.tensor([[0.1, 0.2], [0.3, 0.0], [0.05, 0.4]], dtype=torch.float64)
+    values = torch.tensor([[-1.0, 0.5], [0.2, -1.5], [0.7, 0.1]], dtype=torch.float64)
+    td = trainer(tmp_path, "ctrl").algorithm
+    batch = hand_made_batch(td.task, rewards, kls, xs)
+    delta = td.advantages(batch, values)
+    for lam in (0.5, 1.0):
+        adv = trainer(tmp_path, "ctrl", {"gae_lambda": lam}).algorithm.advantages(batch, values)
+        expected = torch.stack([sum(lam ** (j - k) * delta[j] for j in range(k, 3)) for k in range(3)])
+        torch.testing.assert_close(adv, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(adv, batch.returns() - values, rtol=0, atol=1e-12)  # lambda = 1: G_k - V_k
+    with pytest.raises(ValueError, match=r"gae_lambda must be in \[0, 1\], found 1.5"):
+        trainer(tmp_path, "ctrl", {"gae_lambda": 1.5})
+    with pytest.raises(ValueError, match="gae_lambda applies to advantage=td only"):
+        trainer(tmp_path, "ctrl", {"gae_lambda": 0.5, "advantage": "grad"})
+
+
 def test_grad_advantages_on_a_hand_made_case(tmp_path):
     """One step into t_K = T: A = <grad r(m), X_1 - m> + rho dt, with X_1 - m = std z."""
     tr = trainer(tmp_path, "ctrl", {"advantage": "grad"})

@@ -53,3 +53,26 @@ def test_quick_bench_writes_report_plots_and_json(tmp_path):
     assert {r["algorithm"] for r in results["optimality"]} == set(ALGORITHMS)
     assert {r["algorithm"] for r in results["cost"]} == set(ALGORITHMS)
     assert set(results["robustness"]["variants"]) >= set(ALGORITHMS)
+
+
+@pytest.mark.slow
+def test_quick_digits_bench_compares_the_algorithms_on_one_learned_reward(tmp_path, capsys):
+    from scoreaction import bench_digits
+    from scoreaction.cli import main
+
+    assert main(["bench", "--task", "digits", "--quick", "--out", str(tmp_path), "-q"]) == 0
+    text = (tmp_path / "digits.md").read_text()
+    results = json.loads((tmp_path / "digits.json").read_text())
+    assert (tmp_path / "digits.png").read_bytes()[:8] == PNG_MAGIC and "](digits.png)" in text
+    assert f"```\nscoreaction bench --task digits --out {tmp_path} --quick\n```" in text.split("## Settings")[0]
+    assert [r["algorithm"] for r in results["runs"]] == list(bench_digits.ALGORITHMS)
+    unit = results["utility_std_pretrained"]
+    for r in results["runs"]:
+        first, last = r["curve"][0], r["curve"][-1]
+        assert [p["update"] for p in r["curve"]] == [0, 1, 2] and last["trajectories"] == 2 * 16
+        assert first["utility"] == results["runs"][0]["curve"][0]["utility"]  # the same pretrained start for all
+        j_gain = last["reward"] - first["reward"] - results["setup"]["beta_kl"] * last["path_kl"]
+        assert f"| {r['algorithm']} | {j_gain:+.3f} | {last['utility'] - first['utility']:+.3f} " \
+               f"({(last['utility'] - first['utility']) / unit:+.2f}) |" in text
+    assert all(math.isfinite(v) for v in numbers(results))
+    assert main(["bench", "--task", "points"]) == 2 and "--task must be 'digits'" in capsys.readouterr().err

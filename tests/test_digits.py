@@ -185,3 +185,38 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "missing config.json" in err
     assert main(["pretrain", "--task", "gaussian", "--out", str(tmp_path / "x")]) == 2
     assert "task must be one of ['digits']" in capsys.readouterr().err
+
+
+# --- rewards by name, and the residual action with a cached pretrained score --------------------------
+def test_utility_and_learned_rewards(tmp_path, task):
+    from scoreaction.rewards.preference import Comparisons, fit_reward_model
+    from scoreaction.rewards.utilities import make_utility
+
+    x, cond = digits_data("heldout_a")
+    torch.testing.assert_close(make_task("digits", {"reward": "utility:ink"}).reward(x[:5], cond[:5]),
+                               make_utility("digits", "ink")(x[:5]))
+    half = len(x) // 2
+    fit = fit_reward_model(Comparisons(left=x[:half], right=x[half:2 * half], choice=torch.ones(half),
+                                       cond=cond[:half]), ensemble=2, epochs=1, min_steps=2, num_classes=10)
+    fit.model.save(tmp_path / "rm")
+    learned = make_task("digits", {"reward": f"learned:{tmp_path / 'rm'}"}).reward
+    torch.testing.assert_close(learned(x[:5], cond[:5]), fit.model(x[:5], cond[:5]))
+    with pytest.raises(ValueError, match="needs the reward model's folder"):
+        make_task("digits", {"reward": "learned"})
+    points = fit_reward_model(Comparisons(left=torch.randn(8, 2), right=torch.randn(8, 2), choice=torch.ones(8)),
+                              ensemble=1, epochs=1, min_steps=1)
+    points.model.save(tmp_path / "points")
+    with pytest.raises(ValueError, match=r"takes samples of shape \(2,\) with 0 classes; the digits task needs shape"):
+        make_task("digits", {"reward": f"learned:{tmp_path / 'points'}"})
+    with pytest.raises(ValueError, match="digits reward must be one of"):
+        make_task("digits", {"reward": "beauty"})
+
+
+def test_residual_action_with_a_cached_pretrained_score_is_the_same_action(task):
+    mu = task.make_action()
+    torch.nn.init.normal_(mu.conv_out.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+    x, cond = task.prior_sample(3, generator=torch.Generator().manual_seed(1)), torch.tensor([2, 5, 7])
+    s = torch.tensor([0.2, 0.5, 0.9])
+    s_pre = task.pretrained(s, x, cond)
+    torch.testing.assert_close(mu(s, x, cond, s_pre=s_pre), mu(s, x, cond), rtol=0, atol=1e-6)
+    assert not torch.allclose(mu(s, x, cond), s_pre, atol=1e-3)  # the correction is really there

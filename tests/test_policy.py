@@ -134,6 +134,37 @@ def test_step_noise_and_log_ratio(vp, pretrained, eta, action_noise):
     assert kl > 4 * Z * se  # discriminates: a KL off by a factor 2 (or 0) would be rejected
 
 
+def test_cached_pretrained_scores_change_nothing_but_the_cost(vp, pretrained):
+    """A residual action given the rollout's cached s_pre re-scores exactly as one that recomputes it,
+    and does not call the pretrained model again."""
+    from scoreaction.networks import point_action
+
+    class Counting(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, s, x, cond=None):
+            self.calls += 1
+            return self.inner(s, x, cond)
+
+    counted = Counting(pretrained)
+    action = point_action(counted, 2).double()
+    torch.nn.init.normal_(action.net.head.weight, std=0.3, generator=torch.Generator().manual_seed(0))
+    policy = ScoreAsAction(vp, counted, action=action)
+    traj = policy.rollout(_x(), make_grid("uniform", vp, 8), generator=torch.Generator().manual_seed(3))
+    assert traj.pre_scores.shape == traj.xs[:-1].shape and counted.calls == 8  # once per step, not twice
+    for k in range(8):
+        torch.testing.assert_close(traj.pre_scores[k], pretrained(vp.T - traj.ts[k], traj.xs[k]), rtol=0, atol=1e-14)
+    counted.calls = 0
+    cached = policy.rescore(traj)
+    assert counted.calls == 0
+    uncached = policy.rescore(Trajectory(**{**vars(traj), "pre_scores": None}))
+    assert counted.calls == 8
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=1e-12)
+    torch.testing.assert_close(cached, traj.log_probs, rtol=0, atol=1e-12)
+
+
 def test_trajectory_noises_and_log_ratios(vp, pretrained):
     policy = ScoreAsAction(vp, pretrained, action=GaussianScore(vp, M2, S2), eta=0.7)
     ts = make_grid("random", vp, 9, generator=torch.Generator().manual_seed(0))

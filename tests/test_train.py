@@ -145,3 +145,34 @@ def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
     Trainer(config(tmp_path, updates=1), progress=False).run()
     with pytest.raises(ValueError, match="does not match the policy"):
         Trainer.from_checkpoint(str(tmp_path / "run"), {"hidden": 64}, progress=False)
+
+
+def test_monitors_are_logged_and_never_trained_on(tmp_path):
+    """A monitor equal to the reward logs the reward's batch mean; a second run without it has the same weights."""
+    seen = []
+
+    def reward_copy(x, cond=None):
+        seen.append(x.shape[0])
+        return tr.task.reward(x, cond)
+
+    tr = Trainer(config(tmp_path, updates=2), progress=False, monitors={"copy": reward_copy})
+    metrics = [tr.update() for _ in range(2)]
+    assert seen == [32, 32]
+    for m in metrics:
+        assert m["copy_mean"] == pytest.approx(m["reward_mean"], rel=1e-12)
+    plain = Trainer(config(tmp_path, name="plain", updates=2), progress=False)
+    for _ in range(2):
+        plain.update()
+    for a, b in zip(weights(tr).values(), weights(plain).values()):
+        assert torch.equal(a, b)
+
+
+def test_evaluation_defaults_come_from_the_task(tmp_path):
+    cfg = dict(batch_size=8, steps=4, eval_every=0)
+    assert (lambda t: (t.eval_n, t.eval_steps))(Trainer(config(tmp_path, **cfg, eval_n=None, eval_steps=None),
+                                                        progress=False)) == (4096, 200)
+    digits = Trainer(TrainConfig(task={"name": "digits"}, out=str(tmp_path / "d"), **cfg), progress=False)
+    assert (digits.eval_n, digits.eval_steps) == (512, 50)
+    explicit = Trainer(TrainConfig(task={"name": "digits"}, out=str(tmp_path / "e"), eval_n=16, eval_steps=3, **cfg),
+                       progress=False)
+    assert (explicit.eval_n, explicit.eval_steps) == (16, 3)

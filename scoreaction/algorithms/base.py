@@ -72,6 +72,7 @@ class Transitions:
     adv: torch.Tensor
     k: torch.Tensor
     cond: torch.Tensor | None = None
+    s_pre: torch.Tensor | None = None  # the pretrained score at (t0, x), cached by the rollout
 
     @classmethod
     def from_trajectory(cls, traj: Trajectory, adv: torch.Tensor) -> "Transitions":
@@ -80,7 +81,8 @@ class Transitions:
         cond = None if traj.cond is None else traj.cond.repeat(K, *[1] * (traj.cond.ndim - 1))
         return cls(t0=ts[:-1].repeat_interleave(B), t1=ts[1:].repeat_interleave(B), x=traj.xs[:-1].flatten(0, 1),
                    x_next=traj.xs[1:].flatten(0, 1), log_prob=traj.log_probs.flatten(), adv=adv.flatten(),
-                   k=torch.arange(K).repeat_interleave(B), cond=cond)
+                   k=torch.arange(K).repeat_interleave(B), cond=cond,
+                   s_pre=None if traj.pre_scores is None else traj.pre_scores.flatten(0, 1))
 
     def __len__(self) -> int:
         return len(self.log_prob)
@@ -98,7 +100,7 @@ def minibatch_indices(n: int, minibatches: int, generator: torch.Generator | Non
 def rescore(policy: ScoreAsAction, mb: Transitions) -> tuple[torch.Tensor, torch.Tensor]:
     """Under the CURRENT parameters: log pi_theta(x_next | x) of stored transitions and the per-step KL
     to the pretrained transition (Eq. E6), both (N,) and differentiable in theta."""
-    mean, std, mu, s_pre = policy.transition(mb.t0, mb.t1, mb.x, mb.cond)
+    mean, std, mu, s_pre = policy.transition(mb.t0, mb.t1, mb.x, mb.cond, mb.s_pre)
     return gaussian_log_prob(mb.x_next, mean, std), policy.kl(mb.t0, mb.t1, mu, s_pre)
 
 

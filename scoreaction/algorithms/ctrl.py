@@ -8,7 +8,8 @@ transitions with `loss`:
 2. Value fit. V_phi(t, x, c) = c_skip r(x0_hat) + c_out h_phi (Eq. E15) regressed on G_k at (t_k, X_k);
    the structured part is computed once per batch, only h_phi trains.
 3. Advantages per step, with V(t_K, .) := r exactly:
-       td   (E11): A_k = V(t_{k+1}, X_{k+1}) - V(t_k, X_k) + rho_k dt_k
+       td   (E11): A_k = V(t_{k+1}, X_{k+1}) - V(t_k, X_k) + rho_k dt_k, optionally mixed over horizons as
+                  A_k = sum_{j >= k} lambda^{j-k} delta_j (GAE; lambda = 1 gives G_k - V(t_k, X_k))
        grad (E12): A_k = < grad_x V(t_{k+1}, m_k), X_{k+1} - m_k > + rho_k dt_k,  m_k the transition mean
    then optional normalisation (`global` keeps the objective's direction, `per_time` as the authors).
 4. Surrogate (E14): maximise E sum_k min(ratio_k A_k, clip(ratio_k) A_k) - beta_KL E sum_k kl_k, where
@@ -46,6 +47,7 @@ class CTRLConfig(AlgorithmConfig):
     minibatches: int = 4
     clip: float = 0.2
     advantage: str = "td"  # td (E11) or grad (E12)
+    gae_lambda: float = 0.0  # td only: 0 is E11 itself, 1 the Monte-Carlo return minus V (unbiased for any V)
     normalize: str = "global"
     kl_grad: bool = True  # the direct KL-gradient term of E14
     value_lr: float = 3e-3
@@ -61,6 +63,10 @@ class CTRLConfig(AlgorithmConfig):
             check_positive_int(name, getattr(self, name))
         check_choice("advantage", self.advantage, ADVANTAGES)
         check_choice("normalize", self.normalize, NORMALISATIONS)
+        if not 0.0 <= self.gae_lambda <= 1.0:
+            raise ValueError(f"gae_lambda must be in [0, 1], found {self.gae_lambda!r}")
+        if self.gae_lambda > 0 and self.advantage != "td":
+            raise ValueError(f"gae_lambda applies to advantage=td only, found advantage={self.advantage!r}")
 
 
 class CTRL(Algorithm):
@@ -84,8 +90,9 @@ class CTRL(Algorithm):
         x = traj.xs[:-1].flatten(0, 1)
         cond = None if traj.cond is None else traj.cond.repeat(K, *[1] * (traj.cond.ndim - 1))
         target = G.flatten()
+        s_pre = None if traj.pre_scores is None else traj.pre_scores.flatten(0, 1)
         with torch.no_grad():
-            base = self.value.base(t, x, cond)
+            base = self.value.base(t, x, cond, s_pre)
         losses = []
         for _ in range(self.config.value_epochs):
             for idx in minibatch_indices(len(target), self.config.value_minibatches, generator):
@@ -105,7 +112,10 @@ class CTRL(Algorithm):
         rho_dt = -batch.beta_kl * traj.kls
         if self.config.advantage == "td":
             v_next = torch.cat([values[1:], batch.rewards.unsqueeze(0)])  # V(t_K, .) = r exactly
-            return v_next - values + rho_dt
+            adv = v_next - values + rho_dt
+            for k in range(len(adv) - 2, -1, -1) if self.config.gae_lambda > 0 else ():
+                adv[k] = adv[k] + self.config.gae_lambda * adv[k + 1]
+            return adv
         # gradient form: <grad V(t_{k+1}, m_k), X_{k+1} - m_k>, with X_{k+1} - m_k = std_k z_k
         K, B = values.shape
         adv = torch.empty_like(values)

@@ -12,8 +12,7 @@ import sys
 import yaml
 
 from scoreaction import __version__
-from scoreaction.cli import feedback, pretrain, reward, sample, train
-from scoreaction.cli import bench
+from scoreaction.cli import bench, feedback, pretrain, quickstart, reward, sample, train
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -35,6 +34,7 @@ def build_parser() -> ArgumentParser:
     feedback.register(sub)
     reward.register(sub)
     pretrain.register(sub)
+    quickstart.register(sub)
     return parser
 
 

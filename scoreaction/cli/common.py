@@ -7,6 +7,7 @@ import io
 import json
 
 import numpy as np
+import torch
 
 from scoreaction.config import apply_overrides, atomic_write_bytes, load_yaml, merge
 
@@ -15,6 +16,19 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config file (defaults < file < flags < --set)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set task.dim=16 (repeatable)")
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (default: torch's choice; 1 when other jobs share the cores)")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    if args.threads is None:
+        return
+    if args.threads < 1:
+        raise ValueError(f"threads must be a positive integer, found {args.threads}")
+    torch.set_num_threads(args.threads)
 
 
 def build_config(args: argparse.Namespace, flags: dict) -> dict:

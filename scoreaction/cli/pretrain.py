@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 
+from scoreaction.cli.common import set_threads
 from scoreaction.models.classifier import ClassifierTrainConfig
 from scoreaction.tasks import digits
 
@@ -20,9 +20,7 @@ PRETRAINERS = {"digits": digits.pretrain}
 def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.task not in PRETRAINERS:
         raise ValueError(f"pretrain: task must be one of {sorted(PRETRAINERS)}, found {args.task!r}")
-    if args.threads < 1:
-        raise ValueError(f"threads must be a positive integer, found {args.threads}")
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     log = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
     if args.classifier_epochs < 1:
         raise ValueError(f"classifier-epochs must be a positive integer, found {args.classifier_epochs}")

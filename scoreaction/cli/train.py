@@ -6,7 +6,7 @@ import argparse
 import json
 
 from scoreaction.algorithms import ALGORITHMS
-from scoreaction.cli.common import add_config_args, build_config
+from scoreaction.cli.common import add_config_args, add_threads_arg, build_config, set_threads
 from scoreaction.config import apply_overrides
 from scoreaction.evaluation import objective, solver_gain
 from scoreaction.samplers import SOLVERS
@@ -18,6 +18,7 @@ SUMMARY_KEYS = ("step", "trajectories", "reward_mean", "path_kl", "J", "eval_rew
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    set_threads(args)
     flat = {"algorithm": args.algorithm, "updates": args.updates, "out": args.out, "seed": args.seed}
     if args.resume:
         overrides = apply_overrides({k: v for k, v in flat.items() if v is not None}, args.overrides)
@@ -37,6 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    set_threads(args)
     trainer = Trainer.from_checkpoint(args.checkpoint, progress=False)
     policy, task = trainer.policy, trainer.task
     seed = trainer.config.seed + EVAL_SEED_OFFSET
@@ -62,6 +64,7 @@ def register(sub) -> None:
     p.add_argument("--out", help="run folder (default runs/train)")
     p.add_argument("--resume", metavar="DIR", help="continue a run from its latest checkpoint (or a checkpoint folder)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_threads_arg(p)
     add_config_args(p)
     p.set_defaults(run=cmd_train)
 
@@ -74,4 +77,5 @@ def register(sub) -> None:
     p.add_argument("--n", type=int, default=4096, help="number of samples (default 4096)")
     p.add_argument("--objective", action="store_true", help="also J(theta) by 200-step Euler-Maruyama rollouts")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_threads_arg(p)
     p.set_defaults(run=cmd_evaluate)

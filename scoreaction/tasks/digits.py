@@ -55,7 +55,7 @@ from scoreaction.models.unet import (
     fourier_embedding,
     train_unet,
 )
-from scoreaction.paths import GaussianPath, make_path
+from scoreaction.paths import GaussianPath, _t, make_path
 from scoreaction.samplers import get_solver, make_grid
 from scoreaction.tasks.base import Task, TaskConfig
 
@@ -223,8 +223,30 @@ def classifier_reward(task: DigitsTask, argument: str) -> ClassifierReward:
     return ClassifierReward(task.classifier)
 
 
+def utility_reward(task: DigitsTask, argument: str):
+    """The hidden utility itself as the reward ('utility' or 'utility:NAME'): an oracle, for comparisons."""
+    from scoreaction.rewards.utilities import make_utility
+
+    return make_utility(TASK_NAME, argument or None)
+
+
+def learned_reward(task: DigitsTask, argument: str):
+    """A Bradley-Terry reward model fitted from comparisons ('learned:DIR', a `reward fit` folder)."""
+    from scoreaction.rewards.preference import load_reward_model
+
+    if not argument:
+        raise ValueError("reward 'learned' needs the reward model's folder: 'learned:DIR'")
+    model = load_reward_model(argument)
+    shape, classes = tuple(model.config["shape"]), model.config["num_classes"]
+    if shape != task.shape or classes not in (0, NUM_CLASSES):
+        raise ValueError(f"reward model {argument!r} takes samples of shape {shape} with {classes} classes; the digits "
+                         f"task needs shape {task.shape} and 0 or {NUM_CLASSES} classes")
+    return model
+
+
 # name -> factory(task, argument after the first ':') -> RewardModel
-REWARDS: dict[str, Callable[[DigitsTask, str], Callable]] = {"classifier": classifier_reward}
+REWARDS: dict[str, Callable[[DigitsTask, str], Callable]] = {
+    "classifier": classifier_reward, "utility": utility_reward, "learned": learned_reward}
 
 
 def make_reward(task: DigitsTask, spec: str):
@@ -239,13 +261,18 @@ def make_reward(task: DigitsTask, spec: str):
 
 # --- trainable actions ------------------------------------------------------------------------------
 class EpsResidual(nn.Module):
-    """A small conv net delta(x, lambda, c) added to a frozen network's eps (zero-initialised output),
-    so that eps = eps_pre + delta starts exactly at the pretrained model."""
+    """mu_theta = score of eps_pre + delta(x, eps_pre, lambda, c): a small conv net corrects the frozen
+    model's eps (zero-initialised output, so mu_theta starts exactly at the pretrained score).
 
-    def __init__(self, base: nn.Module, width: int = 32):
+    Works in score space on top of the pretrained score model, so a cached s_pre (`takes_pretrained`)
+    saves the UNet: re-scoring stored transitions then costs only this net."""
+
+    takes_pretrained = True
+
+    def __init__(self, pretrained: NetworkScore, width: int = 32):
         super().__init__()
-        self.__dict__["base"] = base  # frozen reference: not a submodule, not in parameters()
-        self.width = width
+        self.__dict__["pretrained"] = pretrained  # frozen reference: not a submodule, not in parameters()
+        self.path, self.width = pretrained.path, width
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2 * width))
         self.classes = nn.Embedding(NUM_CLASSES + 1, 2 * width)
         self.conv_in = nn.Conv2d(2, width, 3, padding=1)
@@ -254,15 +281,19 @@ class EpsResidual(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, time_input: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        eps_pre = self.base(x, time_input, cond)
+    def forward(self, s, x: torch.Tensor, cond: torch.Tensor | None = None, s_pre: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        if s_pre is None:
+            s_pre = self.pretrained(s, x, cond)
         b = x.shape[0]
-        t = torch.as_tensor(time_input, dtype=x.dtype, device=x.device).reshape(-1).expand(b)
+        s = _t(s).to(x).reshape(-1).expand(b)
+        eps_pre = self.path.from_score(PREDICTION, s_pre, s, x)
         c = torch.full((b,), NUM_CLASSES, dtype=torch.long, device=x.device) if cond is None else cond.long()
-        scale, shift = (self.time(fourier_embedding(0.1 * t, self.width)) + self.classes(c))[:, :, None, None].chunk(2, 1)
+        emb = self.time(fourier_embedding(0.1 * self.path.log_snr(s).to(x.dtype), self.width)) + self.classes(c)
+        scale, shift = emb[:, :, None, None].chunk(2, 1)
         h = nn.functional.silu(self.conv_in(torch.cat([x, eps_pre], dim=1)))
         h = nn.functional.silu(self.conv_mid(h) * (1 + scale) + shift)
-        return eps_pre + self.conv_out(h)
+        return self.path.to_score(PREDICTION, eps_pre + self.conv_out(h), s, x)
 
 
 class CastTo(nn.Module):
@@ -314,6 +345,7 @@ class DigitsTask(Task):
     name = TASK_NAME
     num_classes = NUM_CLASSES
     shape = (1, IMAGE_SIZE, IMAGE_SIZE)
+    eval_n, eval_steps = 512, 50  # the trainer's evaluation defaults: 4096 x 200 steps of a UNet is ~20 CPU-min
 
     def __init__(self, config: DigitsConfig | None = None):
         self.config = config = config or DigitsConfig()
@@ -340,11 +372,10 @@ class DigitsTask(Task):
     def make_action(self, config=None) -> nn.Module:
         """mu_theta(s, x, c), starting exactly at the pretrained score (Eq. E3): a trainable copy of the
         guided UNet (`action: full`) or the frozen one plus a zero-initialised conv net on eps (`residual`)."""
-        if self.config.action == "full":
-            net = GuidedUNet(copy.deepcopy(self.unet).requires_grad_(True), self.guidance)
-        else:
-            net = EpsResidual(CastTo(GuidedUNet(self.unet, self.guidance)), self.config.residual_width)
-        return NetworkScore(net, self.path, PREDICTION, TIME_INPUT)
+        if self.config.action == "residual":
+            return EpsResidual(self.pretrained, self.config.residual_width)
+        return NetworkScore(GuidedUNet(copy.deepcopy(self.unet).requires_grad_(True), self.guidance), self.path,
+                            PREDICTION, TIME_INPUT)
 
     # --- images and their metrics ---------------------------------------------------------------
     @torch.no_grad()

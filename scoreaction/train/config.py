@@ -36,8 +36,8 @@ class TrainConfig(Options):
     hidden: int = 128
     action_noise: float = 0.0  # sigma_a for eta = 0 rollouts
     eval_every: int = 20  # 0: only at the end
-    eval_n: int = 4096
-    eval_steps: int = 200
+    eval_n: int | None = None  # None: the task's `eval_n` (4096 where it has none)
+    eval_steps: int | None = None  # None: the task's `eval_steps` (200 where it has none)
     checkpoint_every: int = 0  # 0: only at the end
     max_skipped: int = 5  # consecutive batches with a non-finite reward before the run stops
     out: str = "runs/train"
@@ -48,8 +48,11 @@ class TrainConfig(Options):
         algorithm_class(self.algorithm)
         if not isinstance(self.algo, dict):
             raise ValueError(f"algo must be a mapping of options, found {self.algo!r}")
-        for name in ("steps", "batch_size", "updates", "hidden", "eval_n", "eval_steps", "max_skipped"):
+        for name in ("steps", "batch_size", "updates", "hidden", "max_skipped"):
             check_positive_int(name, getattr(self, name))
+        for name in ("eval_n", "eval_steps"):
+            if getattr(self, name) is not None:
+                check_positive_int(name, getattr(self, name))
         for name in ("eval_every", "checkpoint_every", "seed"):
             check_nonnegative_int(name, getattr(self, name))
         check_choice("grid", self.grid, GRIDS)

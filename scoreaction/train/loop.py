@@ -31,6 +31,7 @@ from scoreaction.train.config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 EVAL_SEED_OFFSET = 1_000_003
+EVAL_N, EVAL_STEPS = 4096, 200  # evaluation defaults for tasks that set none (`task.eval_n`, `task.eval_steps`)
 
 
 class NonFiniteReward(RuntimeError):
@@ -55,15 +56,25 @@ def check_reward(r, n: int, update: int) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, *, resume: str | None = None, progress: bool = True):
-        self.config, self.progress = config, progress
+    """`monitors`: name -> f(x, cond) -> (B,), evaluated on every batch's final samples and logged as
+    `{name}_mean` (e.g. a hidden utility the learner never sees); they never reach the loss."""
+
+    def __init__(self, config: TrainConfig, *, resume: str | None = None, progress: bool = True,
+                 monitors: dict | None = None):
+        self.config, self.progress, self.monitors = config, progress, dict(monitors or {})
         self.dtype = DTYPES[config.dtype]
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         task_options = dict(config.task)
         self.task = make_task(task_options.pop("name"), task_options)
+        self.eval_n = config.eval_n or getattr(self.task, "eval_n", EVAL_N)
+        self.eval_steps = config.eval_steps or getattr(self.task, "eval_steps", EVAL_STEPS)
         self.policy = build_policy(self.task, config).to(self.dtype)
         self.algorithm = make_algorithm(config.algorithm, self.policy, self.task, config.algo)
+        group = getattr(self.algorithm, "group_size", 1)
+        if config.batch_size % group:
+            raise ValueError(f"batch_size must be a multiple of {config.algorithm}'s group_size={group}, "
+                             f"found {config.batch_size}")
         for module in self.algorithm.modules().values():
             module.to(self.dtype)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -104,7 +115,11 @@ class Trainer:
                 raise NonFiniteReward(f"{message}; stopping after {self.skipped_in_row} such batches in a row")
             return {"step": self.step, "skipped": 1, "message": message, "trajectories": self.trajectories}
         self.skipped_in_row = 0
+        with torch.no_grad():
+            watched = {f"{name}_mean": float(f(batch.traj.x_final, batch.traj.cond).mean())
+                       for name, f in self.monitors.items()}
         data, metrics = self.algorithm.prepare(batch, self.generator)
+        metrics.update(watched)
         diags, grad_norms, skipped_steps = [], [], 0
         for _ in range(self.algorithm.config.epochs):
             for mb in self.algorithm.minibatches(data, self.generator):
@@ -136,7 +151,7 @@ class Trainer:
 
     # --- evaluation: J(theta) on a fine grid, whatever grid training used --------------------------
     def evaluate(self, steps: int | None = None, n: int | None = None) -> dict:
-        out = objective(self.policy, self.task, steps or self.config.eval_steps, n or self.config.eval_n,
+        out = objective(self.policy, self.task, steps or self.eval_steps, n or self.eval_n,
                         seed=self.config.seed + EVAL_SEED_OFFSET, dtype=self.dtype)
         return {f"eval_{k}": v for k, v in out.items()}
 
