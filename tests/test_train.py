@@ -176,3 +176,20 @@ def test_evaluation_defaults_come_from_the_task(tmp_path):
     explicit = Trainer(TrainConfig(task={"name": "digits"}, out=str(tmp_path / "e"), eval_n=16, eval_steps=3, **cfg),
                        progress=False)
     assert (explicit.eval_n, explicit.eval_steps) == (16, 3)
+
+
+def test_linear_schedule_decays_to_zero_and_resumes_exactly(tmp_path):
+    lr = 1e-3
+    full = Trainer(config(tmp_path, name="full", updates=4, lr_schedule="linear", checkpoint_every=2, algo={"lr": lr}),
+                   progress=False)
+    full.run()
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([lr, 0.75 * lr, 0.5 * lr, 0.25 * lr], rel=1e-12)
+    resumed = Trainer.from_checkpoint(str(tmp_path / "full" / "checkpoints" / "step-000002"),
+                                      {"out": str(tmp_path / "resumed")}, progress=False)
+    assert resumed.learning_rate() == pytest.approx(0.5 * lr)
+    resumed.run()
+    for key, value in weights(full).items():
+        assert torch.equal(value, weights(resumed)[key]), key
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        config(tmp_path, lr_schedule="cosine")

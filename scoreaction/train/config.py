@@ -20,6 +20,7 @@ from scoreaction.config import Options, check_choice, check_nonnegative, check_n
 from scoreaction.samplers import GRIDS
 
 DTYPES = ("float32", "float64")
+LR_SCHEDULES = ("constant", "linear")
 
 
 @dataclass
@@ -35,6 +36,9 @@ class TrainConfig(Options):
     dtype: str = "float32"
     hidden: int = 128
     action_noise: float = 0.0  # sigma_a for eta = 0 rollouts
+    # the policy's learning rate: constant, or linear from algo.lr at update 1 to 0 after update `updates`
+    # (at a constant rate the policy keeps fluctuating around the optimum: docs/benchmarks/finetune.md)
+    lr_schedule: str = "constant"
     eval_every: int = 20  # 0: only at the end
     eval_n: int | None = None  # None: the task's `eval_n` (4096 where it has none)
     eval_steps: int | None = None  # None: the task's `eval_steps` (200 where it has none)
@@ -57,4 +61,5 @@ class TrainConfig(Options):
             check_nonnegative_int(name, getattr(self, name))
         check_choice("grid", self.grid, GRIDS)
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_nonnegative("action_noise", self.action_noise)

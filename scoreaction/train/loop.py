@@ -115,6 +115,9 @@ class Trainer:
                 raise NonFiniteReward(f"{message}; stopping after {self.skipped_in_row} such batches in a row")
             return {"step": self.step, "skipped": 1, "message": message, "trajectories": self.trajectories}
         self.skipped_in_row = 0
+        lr = self.learning_rate()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         with torch.no_grad():
             watched = {f"{name}_mean": float(f(batch.traj.x_final, batch.traj.cond).mean())
                        for name, f in self.monitors.items()}
@@ -144,10 +147,17 @@ class Trainer:
             "reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
             "path_kl": float(batch.traj.path_kl.mean()), "J": float(objective.mean()),
             "grad_norm": _mean(grad_norms), "skipped_steps": skipped_steps,
-            "seconds": elapsed, "samples_per_s": self.config.batch_size / elapsed,
+            "seconds": elapsed, "samples_per_s": self.config.batch_size / elapsed, "lr": lr,
             **{key: _mean([d[key] for d in diags if key in d]) for key in ("loss", "approx_kl", "clipfrac", "ratio_mean")},
         })
         return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+    def learning_rate(self) -> float:
+        """The policy's learning rate for update self.step + 1: lr_u = lr (1 - (u - 1) / updates) if linear."""
+        lr = self.algorithm.config.lr
+        if self.config.lr_schedule == "linear":
+            lr *= max(0.0, 1.0 - self.step / self.config.updates)
+        return lr
 
     # --- evaluation: J(theta) on a fine grid, whatever grid training used --------------------------
     def evaluate(self, steps: int | None = None, n: int | None = None) -> dict:
