@@ -34,12 +34,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from scoreaction.config import Options, atomic_write_bytes, check_nonnegative, check_positive, check_positive_int
+from scoreaction.config import (
+    Options,
+    atomic_write_bytes,
+    check_choice,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+)
 from scoreaction.feedback.labelers import SimulatedLabeler
 from scoreaction.feedback.selection import select_pairs
 from scoreaction.feedback.store import PreferenceStore
 from scoreaction.rewards.preference import fit_reward_model
 from scoreaction.rewards.utilities import make_utility
+from scoreaction.samplers import GRIDS
+from scoreaction.samplers import SOLVERS as SOLVER_NAMES
 from scoreaction.tasks.digits import NUM_CLASSES, DigitsConfig, DigitsTask, digits_data
 from scoreaction.train import TrainConfig, Trainer
 
@@ -64,7 +73,7 @@ class QuickstartConfig(Options):
     host: str = "127.0.0.1"
     port: int = 8765  # 0: any free port
     # fine-tuning (ctrl on the learned reward)
-    beta_kl: float = 0.4  # +1.2 sd of hidden utility at the default budget (0.5: +0.9, 1.0: +0.45)
+    beta_kl: float = 0.4  # +1.1 sd of hidden utility at the default budget (0.5: +0.9, 1.0: +0.45)
     updates: int = 120
     batch_size: int = 64
     steps: int = 20  # Euler-Maruyama steps of the training rollouts
@@ -88,14 +97,16 @@ class QuickstartConfig(Options):
         if self.pairs > most:
             raise ValueError(f"pairs must be at most {most}, the same-class pairs among {self.items} items, "
                              f"found {self.pairs}")
+        check_choice("grid", self.grid, GRIDS)
         self.solvers = [list(s) for s in self.solvers]
-        if not all(len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int) for s in self.solvers):
-            raise ValueError(f"solvers must be [solver, steps] pairs, found {self.solvers!r}")
+        if not all(len(s) == 2 and s[0] in SOLVER_NAMES and isinstance(s[1], int) and s[1] >= 1 for s in self.solvers):
+            raise ValueError(f"solvers must be [solver, steps] pairs with a solver in {sorted(SOLVER_NAMES)} and "
+                             f"steps >= 1, found {self.solvers!r}")
         make_utility(TASK, self.utility)  # a clear error for an unknown utility, before any work
 
 
 def balanced_classes(n: int) -> torch.Tensor:
-    """n class labels, as equal a share of each class as n allows, in class order."""
+    """n class labels cycling through 0..9: as equal a share of each class as n allows."""
     return torch.arange(n) % NUM_CLASSES
 
 

@@ -118,6 +118,8 @@ def test_a_person_labels_through_the_web_app(tmp_path):
     (["--pairs", "0"], "pairs must be a positive integer, found 0"),
     (["--set", "utility=beauty"], "utility for task 'digits' must be one of"),
     (["--set", "items=5"], "items must be at least 20"),
+    (["--set", "solvers=[[rk4, 10]]"], "solvers must be [solver, steps] pairs with a solver in"),
+    (["--set", "grid=log"], "grid must be one of"),
     (["--set", "items=40", "--pairs", "61"], "pairs must be at most 60, the same-class pairs among 40 items"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
