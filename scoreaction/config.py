@@ -116,6 +116,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 # --- config dataclasses ---------------------------------------------------------------------------
+def load_matching(module, tensors: dict, what: str, *,
+                  allow_extra: bool = True) -> None:
+    """Load `tensors` into `module` after checking every key and shape; a mismatch is a one-line
+    ValueError starting with `what` (e.g. "checkpoint 'DIR' does not match the policy")."""
+    expected = module.state_dict()
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or (extra and not allow_extra):
+        raise ValueError(f"{what}: " + (f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"))
+    for key, value in expected.items():
+        if tensors[key].shape != value.shape:
+            raise ValueError(f"{what}: {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(value.shape)}")
+    module.load_state_dict({k: tensors[k].to(v.dtype) for k, v in expected.items()})
+
+
 class Options:
     """Mixin for config dataclasses: `from_dict` rejects unknown keys in one line; `to_dict`."""
 

@@ -36,7 +36,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from scoreaction.config import atomic_folder, atomic_write_bytes, check_choice, check_nonnegative, check_positive_int
+from scoreaction.config import (
+    atomic_folder,
+    atomic_write_bytes,
+    check_choice,
+    check_nonnegative,
+    check_positive_int,
+    load_matching,
+)
 from scoreaction.image_metrics import image_report
 from scoreaction.models.classifier import (
     ClassifierConfig,
@@ -125,16 +132,7 @@ def _load_weights(module: nn.Module, file: Path) -> None:
         tensors = load_file(str(file))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"digits checkpoint file {str(file)!r} is truncated or corrupt ({err})") from None
-    expected = module.state_dict()
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-        raise ValueError(f"digits checkpoint file {str(file)!r} does not match its config: {what}")
-    for key, value in expected.items():
-        if tensors[key].shape != value.shape:
-            raise ValueError(f"digits checkpoint file {str(file)!r} does not match its config: {key!r} has shape "
-                             f"{tuple(tensors[key].shape)}, expected {tuple(value.shape)}")
-    module.load_state_dict({k: tensors[k].to(v.dtype) for k, v in expected.items()})
+    load_matching(module, tensors, f"digits checkpoint file {str(file)!r} does not match its config", allow_extra=False)
 
 
 def _section(manifest: dict, name: str, folder: Path) -> dict:

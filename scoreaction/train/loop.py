@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scoreaction.algorithms import Batch, make_algorithm
-from scoreaction.config import atomic_write_bytes
+from scoreaction.config import atomic_write_bytes, load_matching
 from scoreaction.evaluation import objective
 from scoreaction.networks import point_action
 from scoreaction.policy import ScoreAsAction
@@ -190,7 +190,7 @@ class Trainer:
     def load(self, path: str) -> None:
         folder = checkpoint.resolve(path)
         model, train, state = checkpoint.load(folder)
-        load_policy_weights(self.policy, model, folder)
+        load_matching(self.policy, model, f"checkpoint {str(folder)!r} does not match the policy")
         checkpoint.load_optimizer_state(self.optimizer, "optimizer", train, state["optimizer"])
         for name, module in self.algorithm.modules().items():
             prefix = f"algo.{name}."
@@ -240,18 +240,6 @@ class Trainer:
         last["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.save(last)
         return last
-
-
-def load_policy_weights(policy: ScoreAsAction, model: dict, folder) -> None:
-    expected = policy.state_dict()
-    missing = sorted(set(expected) - set(model))
-    if missing:
-        raise ValueError(f"checkpoint {str(folder)!r} does not match the policy: missing {missing[0]!r}")
-    for key, value in expected.items():
-        if model[key].shape != value.shape:
-            raise ValueError(f"checkpoint {str(folder)!r} does not match the policy: {key!r} has shape "
-                             f"{tuple(model[key].shape)}, expected {tuple(value.shape)}")
-    policy.load_state_dict({k: model[k].to(v.dtype) for k, v in expected.items()})
 
 
 def _mean(values: list) -> float:
