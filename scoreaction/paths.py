@@ -32,11 +32,12 @@ def append_dims(c: torch.Tensor, ndim: int) -> torch.Tensor:
     return c.reshape(c.shape + (1,) * (ndim - c.ndim))
 
 
-def _coef(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def coef_like(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A time coefficient (a scalar or one per sample) on x's device and dtype, broadcastable against x."""
     return append_dims(c.to(device=x.device, dtype=x.dtype), x.ndim)
 
 
-def _t(s: Time) -> torch.Tensor:
+def as_time(s: Time) -> torch.Tensor:
     """Times are computed in float64 whatever the data dtype; the result is cast at use."""
     return torch.as_tensor(s, dtype=torch.float64)
 
@@ -62,30 +63,30 @@ class GaussianPath:
 
     # --- public coefficients (float or tensor s, float64 tensor out) ----------------------------
     def log_alpha(self, s: Time) -> torch.Tensor:
-        return self._log_alpha(_t(s))
+        return self._log_alpha(as_time(s))
 
     def dlog_alpha(self, s: Time) -> torch.Tensor:
         """d log alpha / ds."""
-        return self._dlog_alpha(_t(s))
+        return self._dlog_alpha(as_time(s))
 
     def sigma2(self, s: Time) -> torch.Tensor:
         """sigma(s)^2, clamped at 0 against round-off (1 - alpha^2 can come out as -1e-20 at s = 0)."""
-        return torch.clamp(self._sigma2(_t(s)), min=0.0)
+        return torch.clamp(self._sigma2(as_time(s)), min=0.0)
 
     def dsigma2(self, s: Time) -> torch.Tensor:
         """d sigma^2 / ds."""
-        return self._dsigma2(_t(s))
+        return self._dsigma2(as_time(s))
 
     # --- derived quantities -----------------------------------------------------------------
     def alpha(self, s: Time) -> torch.Tensor:
-        return torch.exp(self.log_alpha(_t(s)))
+        return torch.exp(self.log_alpha(as_time(s)))
 
     def sigma(self, s: Time) -> torch.Tensor:
-        return torch.sqrt(self.sigma2(_t(s)))
+        return torch.sqrt(self.sigma2(as_time(s)))
 
     def g2(self, s: Time) -> torch.Tensor:
         """Squared diffusion coefficient g(s)^2 (Eq. E1)."""
-        s = _t(s)
+        s = as_time(s)
         return self.dsigma2(s) - 2.0 * self.dlog_alpha(s) * self.sigma2(s)
 
     def g(self, s: Time) -> torch.Tensor:
@@ -93,11 +94,11 @@ class GaussianPath:
 
     def f(self, s: Time, x: torch.Tensor) -> torch.Tensor:
         """Forward drift f(s, x) = (d log alpha / ds) x (Eq. E1)."""
-        return _coef(self.dlog_alpha(_t(s)), x) * x
+        return coef_like(self.dlog_alpha(as_time(s)), x) * x
 
     def log_snr(self, s: Time) -> torch.Tensor:
         """lambda(s) = log(alpha / sigma); decreasing in s."""
-        s = _t(s)
+        s = as_time(s)
         return self.log_alpha(s) - 0.5 * torch.log(self.sigma2(s))
 
     def noise_ratio(self, s: Time) -> torch.Tensor:
@@ -105,11 +106,11 @@ class GaussianPath:
         return torch.exp(-self.log_snr(s))
 
     def d_alpha(self, s: Time) -> torch.Tensor:
-        s = _t(s)
+        s = as_time(s)
         return self.dlog_alpha(s) * torch.exp(self.log_alpha(s))
 
     def d_sigma(self, s: Time) -> torch.Tensor:
-        s = _t(s)
+        s = as_time(s)
         return self.dsigma2(s) / (2.0 * torch.sqrt(self.sigma2(s)))
 
     def s_from_log_snr(self, lam: float) -> float:
@@ -122,7 +123,7 @@ class GaussianPath:
     # --- marginals and prior ------------------------------------------------------------------
     def marginal(self, x0: torch.Tensor, s: Time, eps: torch.Tensor) -> torch.Tensor:
         """x_s = alpha(s) x_0 + sigma(s) eps (Eq. E1)."""
-        return _coef(self.alpha(s), x0) * x0 + _coef(self.sigma(s), x0) * eps
+        return coef_like(self.alpha(s), x0) * x0 + coef_like(self.sigma(s), x0) * eps
 
     @property
     def prior_std(self) -> float:
@@ -138,7 +139,7 @@ class GaussianPath:
     # --- parameterisation converters (Eq. E2) -------------------------------------------------
     def to_score(self, kind: str, pred: torch.Tensor, s: Time, x: torch.Tensor) -> torch.Tensor:
         """Turn a network prediction of `kind` in {eps, x0, score, velocity} into a score."""
-        a, sg = _coef(self.alpha(s), x), _coef(self.sigma(s), x)
+        a, sg = coef_like(self.alpha(s), x), coef_like(self.sigma(s), x)
         if kind == "score":
             return pred
         if kind == "eps":
@@ -146,14 +147,14 @@ class GaussianPath:
         if kind == "x0":
             return -(x - a * pred) / sg**2
         if kind == "velocity":
-            da, ds = _coef(self.d_alpha(s), x), _coef(self.d_sigma(s), x)
+            da, ds = coef_like(self.d_alpha(s), x), coef_like(self.d_sigma(s), x)
             eps = (a * pred - da * x) / (a * ds - sg * da)
             return -eps / sg
         raise ValueError(f"prediction kind must be one of {PREDICTIONS}, found {kind!r}")
 
     def from_score(self, kind: str, score: torch.Tensor, s: Time, x: torch.Tensor) -> torch.Tensor:
         """Inverse of `to_score`: express a score as eps, x0 (Tweedie), score or velocity."""
-        a, sg = _coef(self.alpha(s), x), _coef(self.sigma(s), x)
+        a, sg = coef_like(self.alpha(s), x), coef_like(self.sigma(s), x)
         if kind == "score":
             return score
         eps = -sg * score
@@ -163,7 +164,7 @@ class GaussianPath:
         if kind == "x0":
             return x0
         if kind == "velocity":
-            return _coef(self.d_alpha(s), x) * x0 + _coef(self.d_sigma(s), x) * eps
+            return coef_like(self.d_alpha(s), x) * x0 + coef_like(self.d_sigma(s), x) * eps
         raise ValueError(f"prediction kind must be one of {PREDICTIONS}, found {kind!r}")
 
     def tweedie(self, score: torch.Tensor, s: Time, x: torch.Tensor) -> torch.Tensor:
@@ -360,7 +361,7 @@ class Discrete(GaussianPath):
 
     def timestep(self, s: Time) -> torch.Tensor:
         """Fractional step index (0-based) of diffusion time s, as diffusers networks take it."""
-        return _t(s) / self.T * self.N - 1.0
+        return as_time(s) / self.T * self.N - 1.0
 
     def config(self) -> dict:
         return {"name": self.name, "T": self.T, "alphas_cumprod": torch.exp(self._log_ab[1:]).tolist()}

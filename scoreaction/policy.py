@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from scoreaction.models import ScoreModel
-from scoreaction.paths import GaussianPath, _coef, _t
-from scoreaction.samplers.euler_maruyama import drift
+from scoreaction.models.frozen import attach_frozen
+from scoreaction.paths import GaussianPath, as_time, coef_like
 from scoreaction.samplers.grids import check_grid
+from scoreaction.sde import drift, kappa, transition_std
 
 
 @dataclass
@@ -107,7 +108,7 @@ class ScoreAsAction(nn.Module):
             raise ValueError(f"eta must be >= 0, found {eta}")
         if eta == 0 and not action_noise > 0:
             raise ValueError(f"eta = 0 (ODE rollouts) needs explicit action noise sigma_a > 0, found {action_noise}")
-        self.__dict__["pretrained"] = freeze(pretrained)
+        attach_frozen(self, "pretrained", pretrained)
         self.path, self.action = path, action
         self.eta, self.action_noise = float(eta), float(action_noise)
 
@@ -132,33 +133,30 @@ class ScoreAsAction(nn.Module):
     # t0, t1 are RL times: floats for a whole batch, or tensors of shape (B,) with one time per sample
     # (minibatches of transitions drawn from different steps).
     def transition_std(self, t0, t1) -> torch.Tensor:
-        t0, t1 = _t(t0), _t(t1)
-        s0, dt = self.path.T - t0, t1 - t0
-        if self.eta > 0:
-            return self.eta * self.path.g(s0) * torch.sqrt(dt)
-        return 0.5 * self.path.g2(s0) * dt * self.action_noise
+        """Std of the transition from RL time t0 to t1 (Eq. E4, `sde.transition_std`)."""
+        return transition_std(self.path, t0, t1, self.eta, self.action_noise)
 
     def kappa(self, t) -> torch.Tensor:
         """kappa(t) = (1 + eta^2)^2 / (8 eta^2) g(T - t)^2 (Eq. E6); eta > 0 only."""
-        return (1 + self.eta**2) ** 2 / (8 * self.eta**2) * self.path.g2(self.path.T - _t(t))
+        return kappa(self.path, t, self.eta)
 
     def transition(self, t0, t1, x: torch.Tensor, cond=None, s_pre: torch.Tensor | None = None):
         """(mean, std, mu, s_pre) of the Gaussian transition from RL time t0 to t1; pass `s_pre` (the
         pretrained score at (t0, x), e.g. cached in a Trajectory) to skip the pretrained model."""
-        s0, dt = self.path.T - _t(t0), _t(t1) - _t(t0)
+        s0, dt = self.path.T - as_time(t0), as_time(t1) - as_time(t0)
         if s_pre is None:
             s_pre = self.pretrained_score(s0, x, cond)
         mu = self.score(s0, x, cond, s_pre=s_pre)
-        mean = x + drift(self.path, s0, x, mu, self.eta) * _coef(dt, x)
+        mean = x + drift(self.path, s0, x, mu, self.eta) * coef_like(dt, x)
         return mean, self.transition_std(t0, t1).to(x), mu, s_pre
 
     def kl(self, t0, t1, mu: torch.Tensor, s_pre: torch.Tensor) -> torch.Tensor:
         """Per-step KL ||mean - mean_pre||^2 / (2 std^2) from mu - s_pre, without cancellation, (B,).
 
         For eta > 0 this is kappa(t0) ||mu - s_pre||^2 dt (Eq. E6); differentiable in mu."""
-        t0, t1 = _t(t0), _t(t1)
+        t0, t1 = as_time(t0), as_time(t1)
         scale = 0.5 * (1 + self.eta**2) * self.path.g2(self.path.T - t0) * (t1 - t0) / self.transition_std(t0, t1)
-        return 0.5 * _sum((_coef(scale, mu) * (mu - s_pre)) ** 2)
+        return 0.5 * _sum((coef_like(scale, mu) * (mu - s_pre)) ** 2)
 
     def log_prob(self, t0, t1, x: torch.Tensor, x_next: torch.Tensor, cond=None) -> torch.Tensor:
         """log pi_theta(x_next | x) under the CURRENT parameters: re-scores stored transitions, (B,)."""
@@ -171,12 +169,12 @@ class ScoreAsAction(nn.Module):
         mean, std, mu, s_pre = self.transition(t0, t1, x, cond)
         if noise is None:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x_next = mean + _coef(std, x) * noise
+        x_next = mean + coef_like(std, x) * noise
         log_prob = gaussian_log_prob(x_next, mean, std)
-        mean_pre = x + drift(self.path, self.path.T - _t(t0), x, s_pre, self.eta) * _coef(_t(t1) - _t(t0), x)
+        mean_pre = x + drift(self.path, self.path.T - as_time(t0), x, s_pre, self.eta) * coef_like(as_time(t1) - as_time(t0), x)
         return StepOutput(x_next=x_next, mean=mean, std=std, noise=noise, log_prob=log_prob,
                           kl=self.kl(t0, t1, mu, s_pre), log_ratio=log_prob - gaussian_log_prob(x_next, mean_pre, std),
-                          x0_hat=self.path.tweedie(mu, self.path.T - _t(t0), x), s_pre=s_pre)
+                          x0_hat=self.path.tweedie(mu, self.path.T - as_time(t0), x), s_pre=s_pre)
 
     def rollout(self, x_init: torch.Tensor, ts: torch.Tensor, cond=None, *,
                 generator: torch.Generator | None = None, grad: bool = False) -> Trajectory:
@@ -209,13 +207,6 @@ class ScoreAsAction(nn.Module):
             mean, std, _, _ = self.transition(float(traj.ts[k]), float(traj.ts[k + 1]), traj.xs[k], traj.cond, s_pre)
             out.append(gaussian_log_prob(traj.xs[k + 1], mean, std))
         return torch.stack(out)
-
-
-def freeze(model):
-    """Stop gradients into a model's weights (not into its inputs)."""
-    if isinstance(model, nn.Module):
-        model.requires_grad_(False)
-    return model
 
 
 def _sum(v: torch.Tensor) -> torch.Tensor:

@@ -17,26 +17,27 @@ import torch
 from torch import nn
 
 from scoreaction.models import ScoreModel
-from scoreaction.paths import GaussianPath, _t, append_dims
+from scoreaction.models.frozen import attach_frozen
+from scoreaction.paths import GaussianPath, append_dims, as_time
 from scoreaction.rewards import RewardModel
 
 
 class ValueNet(nn.Module):
     def __init__(self, path: GaussianPath, pretrained: ScoreModel, reward: RewardModel, head: nn.Module):
         super().__init__()
-        self.__dict__["pretrained"] = pretrained  # frozen reference, not trained here
-        self.__dict__["reward"] = reward
+        attach_frozen(self, "pretrained", pretrained)
+        attach_frozen(self, "reward", reward)
         self.path, self.head = path, head
 
     def coefficients(self, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(c_skip, c_out) at RL time t."""
-        u = 0.5 * math.pi * (self.path.T - _t(t)) / self.path.T
+        u = 0.5 * math.pi * (self.path.T - as_time(t)) / self.path.T
         return torch.cos(u), torch.sin(u)
 
     def base(self, t, x: torch.Tensor, cond=None, s_pre: torch.Tensor | None = None) -> torch.Tensor:
         """r(x0_hat(t, x), c), shape (B,); differentiable in x when the reward is. r(x) where s = 0.
         `s_pre`: the pretrained score at (t, x) if already known (a rollout caches it)."""
-        s = (self.path.T - _t(t)).expand(x.shape[0]) if _t(t).ndim == 0 else self.path.T - _t(t)
+        s = (self.path.T - as_time(t)).expand(x.shape[0]) if as_time(t).ndim == 0 else self.path.T - as_time(t)
         at_data = s <= 1e-12
         s_safe = torch.where(at_data, torch.full_like(s, 1e-3 * self.path.T), s)
         score = self.pretrained(s_safe, x, cond) if s_pre is None or bool(at_data.any()) else s_pre
@@ -49,5 +50,5 @@ class ValueNet(nn.Module):
         c_skip, c_out = (c.to(x) for c in self.coefficients(t))
         if base is None:
             base = self.base(t, x, cond)
-        s = self.path.T - _t(t)
+        s = self.path.T - as_time(t)
         return c_skip * base + c_out * self.head(s, x, cond).reshape(x.shape[0])

@@ -137,7 +137,7 @@ def test_step_noise_and_log_ratio(vp, pretrained, eta, action_noise):
 def test_cached_pretrained_scores_change_nothing_but_the_cost(vp, pretrained):
     """A residual action given the rollout's cached s_pre re-scores exactly as one that recomputes it,
     and does not call the pretrained model again."""
-    from scoreaction.networks import point_action
+    from scoreaction.models.residual import point_action
 
     class Counting(nn.Module):
         def __init__(self, inner):

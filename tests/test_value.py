@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from scoreaction.networks import MLP
+from scoreaction.models.residual import MLP
 from scoreaction.tasks import make_task
 from scoreaction.value import ValueNet
 

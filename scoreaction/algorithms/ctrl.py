@@ -33,7 +33,7 @@ from scoreaction.algorithms.base import (
     rescore,
 )
 from scoreaction.config import check_choice, check_positive, check_positive_int
-from scoreaction.networks import MLP
+from scoreaction.models.residual import MLP
 from scoreaction.value import ValueNet
 
 ADVANTAGES = ("td", "grad")

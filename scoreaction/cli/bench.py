@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from scoreaction.bench import REPORT, SECTIONS, BenchConfig, run
+from scoreaction.experiments.finetune_bench import REPORT, SECTIONS, BenchConfig, run
 
 
 def parse_sections(text: str) -> tuple:
@@ -53,7 +53,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def bench_digits(args: argparse.Namespace, command: str) -> int:
-    from scoreaction import bench_digits as bd
+    from scoreaction.experiments import digits_bench as bd
 
     if args.only:
         raise ValueError("--only applies to the gaussian and mixture benchmark, not to --task digits")

@@ -9,7 +9,8 @@ import json
 import numpy as np
 import torch
 
-from scoreaction.config import apply_overrides, atomic_write_bytes, load_yaml, merge
+from scoreaction.config import apply_overrides, load_yaml, merge
+from scoreaction.io import atomic_write_bytes
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import socket
 import sys
 from pathlib import Path
 
 import torch
 
+from scoreaction.feedback.server import listen, url_of
 from scoreaction.feedback.store import PreferenceStore
 
 DEFAULT_PORT = 8765
@@ -232,17 +232,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def listen(host: str, port: int) -> socket.socket:
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.create_server((host, port), family=family)
-    except OSError as err:
-        raise ValueError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
-    # accepted connections inherit this; without it a keep-alive response waits ~40 ms for a delayed ACK
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -258,8 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not loopback:
         sys.stderr.write("scoreaction: warning: serving beyond this machine over plain HTTP; tokens travel in clear "
                          "(put a TLS proxy in front)\n")
-    host, port = sock.getsockname()[:2]
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    url = url_of(sock)
     print(f"labeling app for {store.path} at {url}  (labelers open {url}?token=THEIR_TOKEN; Ctrl-C stops)", flush=True)
     # no access log: it would show the page's ?token=... to anyone reading the log
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))

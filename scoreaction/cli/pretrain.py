@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-
 from scoreaction.cli.common import set_threads
 from scoreaction.models.classifier import ClassifierTrainConfig
 from scoreaction.tasks import digits

@@ -10,7 +10,7 @@ from scoreaction.config import apply_overrides
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from scoreaction.quickstart import QuickstartConfig, run
+    from scoreaction.experiments.quickstart import QuickstartConfig, run
 
     set_threads(args)
     flags = {"out": args.out, "seed": args.seed, "pairs": args.pairs, "updates": args.updates,
@@ -28,7 +28,7 @@ HUMAN_PAIRS = 200  # about ten minutes of a person's clicking
 
 
 def register(sub) -> None:
-    from scoreaction.quickstart import QuickstartConfig
+    from scoreaction.experiments.quickstart import QuickstartConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(QuickstartConfig) if f.default is not dataclasses.MISSING}
     p = sub.add_parser("quickstart", help="the whole loop on digits: feedback, reward model, ctrl, report.html")

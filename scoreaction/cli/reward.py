@@ -86,7 +86,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be >= 1 and --items >= 2, found {args.n} and {args.items}")
     gen = torch.Generator().manual_seed(args.seed)
     if args.task == "digits":
-        from scoreaction.feedback.bench import digit_images
+        from scoreaction.experiments.feedback_bench import digit_images
 
         x, y = digit_images()
         pick = torch.randperm(len(x), generator=gen)[:args.items]
@@ -107,7 +107,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from scoreaction.feedback.bench import markdown_table, run_benchmark, write
+    from scoreaction.experiments.feedback_bench import markdown_table, run_benchmark, write
 
     log = None if args.quiet else (lambda line: print(line, flush=True))
     results = run_benchmark(quick=args.quick, seeds=args.seeds, workers=args.workers, log=log)

@@ -8,8 +8,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from scoreaction.models.adapter import NetworkScore
 from scoreaction.models.analytic import GaussianScore, MixtureScore
-from scoreaction.models.network import NetworkScore
 
 
 @runtime_checkable

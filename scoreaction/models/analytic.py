@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from scoreaction.paths import GaussianPath, _t
+from scoreaction.paths import GaussianPath, as_time
 
 
 def check_covariance(cov: torch.Tensor, name: str = "covariance") -> None:
@@ -52,7 +52,7 @@ class MixtureScore:
         if x.ndim < 2 or x[0].numel() != self.dim:
             raise ValueError(f"x must have shape (B, ...) with {self.dim} values per sample, found {tuple(x.shape)}")
         xf = x.reshape(x.shape[0], 1, self.dim)
-        s = _t(s)
+        s = as_time(s)
         a = self.path.alpha(s).to(x.dtype)
         sig2 = self.path.sigma2(s).to(x.dtype)
         if s.ndim == 1:

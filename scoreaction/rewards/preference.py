@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from scoreaction.config import atomic_folder, atomic_write_bytes
+from scoreaction.io import atomic_folder, atomic_write_bytes
 
 FORMAT = "scoreaction.bradley_terry"
 FORMAT_VERSION = 1

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 
-from scoreaction.samplers import ddim
 from scoreaction.samplers.grids import check_grid
+from scoreaction.sde import exponential_step
 
 ORDER = 2
 STOCHASTIC = False
@@ -38,7 +38,7 @@ def sample(path, score, x, ts, *, cond=None, eta: float = 0.0, generator=None, n
         if callback is not None:
             callback({"k": k, "t": t0, "s": s0, "x": x, "score": a})
         if float(path.sigma(s1)) == 0.0:
-            x = ddim.step(path, s0, s1, x, a)
+            x = exponential_step(path, s0, s1, x, a)
             continue
         lam0, lam1 = float(path.log_snr(s0)), float(path.log_snr(s1))
         h = lam1 - lam0

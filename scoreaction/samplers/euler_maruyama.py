@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from scoreaction.paths import GaussianPath, _coef
 from scoreaction.samplers.grids import check_grid
 from scoreaction.samplers.noise import gaussian_noise
+from scoreaction.sde import drift
 
 ORDER = 1
 STOCHASTIC = True
-
-
-def drift(path: GaussianPath, s, x: torch.Tensor, score: torch.Tensor, eta: float) -> torch.Tensor:
-    """RL-time drift of Eq. E3 at diffusion time s: -f(s, x) + (1 + eta^2)/2 g(s)^2 score."""
-    return -path.f(s, x) + 0.5 * (1.0 + eta**2) * _coef(path.g2(s), x) * score
 
 
 def sample(path, score, x, ts, *, cond=None, eta: float = 1.0, generator=None, noise_sampler=None,

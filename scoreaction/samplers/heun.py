@@ -11,8 +11,8 @@ x0-predicting network divides by sigma = 0); this keeps the global order 2.
 
 from __future__ import annotations
 
-from scoreaction.samplers.euler_maruyama import drift
 from scoreaction.samplers.grids import check_grid
+from scoreaction.sde import drift
 
 ORDER = 2
 STOCHASTIC = False

@@ -36,15 +36,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from scoreaction.config import (
-    atomic_folder,
-    atomic_write_bytes,
-    check_choice,
-    check_nonnegative,
-    check_positive_int,
-    load_matching,
-)
+from scoreaction.config import check_choice, check_nonnegative, check_positive_int
 from scoreaction.image_metrics import image_report
+from scoreaction.io import atomic_folder, atomic_write_bytes, load_matching
+from scoreaction.models.adapter import NetworkScore
 from scoreaction.models.classifier import (
     ClassifierConfig,
     ClassifierTrainConfig,
@@ -52,7 +47,7 @@ from scoreaction.models.classifier import (
     accuracy,
     train_classifier,
 )
-from scoreaction.models.network import NetworkScore
+from scoreaction.models.frozen import attach_frozen
 from scoreaction.models.unet import (
     GuidedUNet,
     UNet,
@@ -62,7 +57,7 @@ from scoreaction.models.unet import (
     fourier_embedding,
     train_unet,
 )
-from scoreaction.paths import GaussianPath, _t, make_path
+from scoreaction.paths import GaussianPath, as_time, make_path
 from scoreaction.samplers import get_solver, make_grid
 from scoreaction.tasks.base import Task, TaskConfig
 
@@ -269,7 +264,7 @@ class EpsResidual(nn.Module):
 
     def __init__(self, pretrained: NetworkScore, width: int = 32):
         super().__init__()
-        self.__dict__["pretrained"] = pretrained  # frozen reference: not a submodule, not in parameters()
+        attach_frozen(self, "pretrained", pretrained)
         self.path, self.width = pretrained.path, width
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2 * width))
         self.classes = nn.Embedding(NUM_CLASSES + 1, 2 * width)
@@ -284,7 +279,7 @@ class EpsResidual(nn.Module):
         if s_pre is None:
             s_pre = self.pretrained(s, x, cond)
         b = x.shape[0]
-        s = _t(s).to(x).reshape(-1).expand(b)
+        s = as_time(s).to(x).reshape(-1).expand(b)
         eps_pre = self.path.from_score(PREDICTION, s_pre, s, x)
         c = torch.full((b,), NUM_CLASSES, dtype=torch.long, device=x.device) if cond is None else cond.long()
         emb = self.time(fourier_embedding(0.1 * self.path.log_snr(s).to(x.dtype), self.width)) + self.classes(c)

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scoreaction.config import atomic_folder, atomic_write_bytes
+from scoreaction.io import atomic_folder, atomic_write_bytes
 
 FILES = ("model.safetensors", "train.safetensors", "state.json")
 

@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from scoreaction.algorithms import Batch, make_algorithm
-from scoreaction.config import atomic_write_bytes, load_matching
 from scoreaction.evaluation import objective
-from scoreaction.networks import point_action
+from scoreaction.io import atomic_write_bytes, load_matching
+from scoreaction.models.residual import point_action
 from scoreaction.policy import ScoreAsAction
 from scoreaction.samplers import make_grid
 from scoreaction.tasks import make_task

@@ -34,17 +34,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from scoreaction.config import (
-    Options,
-    atomic_write_bytes,
-    check_choice,
-    check_nonnegative,
-    check_positive,
-    check_positive_int,
-)
+from scoreaction.config import Options, check_choice, check_nonnegative, check_positive, check_positive_int
 from scoreaction.feedback.labelers import SimulatedLabeler
 from scoreaction.feedback.selection import select_pairs
 from scoreaction.feedback.store import PreferenceStore
+from scoreaction.io import atomic_write_bytes
 from scoreaction.rewards.preference import fit_reward_model
 from scoreaction.rewards.utilities import make_utility
 from scoreaction.samplers import GRIDS
@@ -112,7 +106,7 @@ def balanced_classes(n: int) -> torch.Tensor:
 
 def run(config: QuickstartConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Run every stage; returns the results (also written to OUT/results.json) and writes OUT/report.html."""
-    from scoreaction.report import write_report
+    from scoreaction.experiments.report import write_report
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,13 +218,12 @@ def collect_human(store: PreferenceStore, config: QuickstartConfig, log: Callabl
     `min_answers` answers); returns the labeler's name. `on_ready(url, token)` is for tests."""
     import uvicorn
 
-    from scoreaction.cli.feedback import listen
     from scoreaction.feedback.app import create_app
+    from scoreaction.feedback.server import listen, url_of
 
     token = store.add_labeler(HUMAN, replace=True)
     sock = listen(config.host, config.port)
-    host, port = sock.getsockname()[:2]
-    url = f"http://{host}:{port}/?token={token}"
+    url = f"{url_of(sock)}?token={token}"
     server = uvicorn.Server(uvicorn.Config(create_app(store), log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

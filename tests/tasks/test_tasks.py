@@ -32,7 +32,7 @@ GAUSS4 = {  # a user-supplied 4-d problem with beta_kl = 0.5 on a short VP path:
 GAUSSIAN_CONFIGS = [pytest.param({}, id="gaussian-2d-default"), pytest.param(GAUSS4, id="gaussian-4d-custom")]
 
 
-def _t(v):
+def as_time(v):
     return torch.as_tensor(v, dtype=torch.float64)
 
 
@@ -78,7 +78,7 @@ def test_gaussian_exact_samples_match_reference(options):
         r_key = "E_pre_r" if key == "p_pre" else "E_star_r"
         assert_close_mc(r.mean(), ref[r_key], r.std() / math.sqrt(n), what=r_key)
     # the two laws are far apart compared with the tolerance, so the check discriminates
-    assert (_t(ref["p_pre_mean"]) - _t(ref["p_star_mean"])).abs().max() > 20 * Z * m_se.max()
+    assert (as_time(ref["p_pre_mean"]) - as_time(ref["p_star_mean"])).abs().max() > 20 * Z * m_se.max()
     assert ref["J_star"] > ref["E_pre_r"] and ref["KL_star"] > 0
     assert ref["J_star"] == pytest.approx(ref["E_star_r"] - task.beta_kl * ref["KL_star"], rel=1e-12)
 
@@ -190,8 +190,8 @@ def test_gaussian_optimal_action_attains_j_star(options):
         tols[name] = (j_hat, Z * j_se + bias_j)
         m_hat, m_se = mean_se(traj.x_final)
         c_hat, c_se = cov_se(traj.x_final)
-        assert_close_mc(m_hat, ref[f"{key}_mean"], m_se, (c_mean - _t(ref[f"{key}_mean"])).abs(), what=f"{name} mean")
-        assert_close_mc(c_hat, ref[f"{key}_cov"], c_se, (c_cov - _t(ref[f"{key}_cov"])).abs(), what=f"{name} cov")
+        assert_close_mc(m_hat, ref[f"{key}_mean"], m_se, (c_mean - as_time(ref[f"{key}_mean"])).abs(), what=f"{name} mean")
+        assert_close_mc(c_hat, ref[f"{key}_cov"], c_se, (c_cov - as_time(ref[f"{key}_cov"])).abs(), what=f"{name} cov")
         if name == "pretrained":
             assert torch.all(traj.kls == 0)
     # discrimination: the pretrained policy's J is far outside the J* tolerance
@@ -229,11 +229,11 @@ def test_mixture_optimal_action_attains_p_star_and_j_star():
     dx = x_c - x_f
     allow_m = 2 * dx.mean(0).abs() + Z * dx.std(0) / math.sqrt(n)
     m_hat, m_se = mean_se(x_f)
-    star_se = torch.sqrt(torch.diag(_t(ref["p_star_cov"])) / ref["n_mc"])
+    star_se = torch.sqrt(torch.diag(as_time(ref["p_star_cov"])) / ref["n_mc"])
     assert_close_mc(m_hat, ref["p_star_mean"], torch.sqrt(m_se**2 + star_se**2), allow_m, what="p* mean")
     # discrimination: the pretrained law and value are rejected by the same tolerances
     assert abs(ref["E_pre_r"] - ref["J_star"]) > 5 * (Z * j_se + allow_j)
-    assert ((_t(ref["p_pre_mean"]) - _t(ref["p_star_mean"])).abs() > Z * m_se + allow_m).any()
+    assert ((as_time(ref["p_pre_mean"]) - as_time(ref["p_star_mean"])).abs() > Z * m_se + allow_m).any()
 
 
 # --- bad input -----------------------------------------------------------------------------------

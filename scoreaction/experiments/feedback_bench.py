@@ -334,7 +334,7 @@ def markdown_table(results: dict) -> str:
 
 def write(results: dict, out: str | os.PathLike) -> dict:
     """feedback[-quick].json and .png in `out`; returns their paths."""
-    from scoreaction.config import atomic_write_bytes
+    from scoreaction.io import atomic_write_bytes
 
     out = os.fspath(out)
     os.makedirs(out, exist_ok=True)

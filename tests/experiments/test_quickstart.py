@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from scoreaction.cli import main
+from scoreaction.experiments.quickstart import QuickstartConfig, agreement, collect_human, run
+from scoreaction.experiments.report import SECTIONS
 from scoreaction.feedback.store import PreferenceStore
-from scoreaction.quickstart import QuickstartConfig, agreement, collect_human, run
-from scoreaction.report import SECTIONS
 
 TINY = dict(items=40, pairs=50, updates=2, batch_size=8, steps=4, per_class=2, solvers=[["ddim", 4], ["heun", 2]])
 
@@ -129,7 +129,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
 
 
 def test_exact_tilt_reaches_the_asked_gain_and_no_more():
-    from scoreaction.quickstart import exact_tilt
+    from scoreaction.experiments.quickstart import exact_tilt
     from scoreaction.tasks.digits import DigitsTask, digits_data
 
     task = DigitsTask()

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from scoreaction.config import atomic_write_bytes  # noqa: E402
+from scoreaction.io import atomic_write_bytes  # noqa: E402
 
 SECTIONS = ("summary", "samples", "training", "hacking", "quality", "solvers", "feedback", "reproduce")
 STYLE = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from scoreaction.feedback.bench import digit_images, rank_correlation
+from scoreaction.experiments.feedback_bench import digit_images, rank_correlation
 from scoreaction.feedback.labelers import SimulatedLabeler, make_utility
 from scoreaction.feedback.selection import select_pairs
 from scoreaction.rewards import RewardModel

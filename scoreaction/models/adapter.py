@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from scoreaction.paths import PREDICTIONS, Discrete, GaussianPath, _t
+from scoreaction.paths import PREDICTIONS, Discrete, GaussianPath, as_time
 
 TIME_INPUTS = ("s", "timestep", "log_snr", "noise_ratio")
 
@@ -39,7 +39,7 @@ class NetworkScore(nn.Module):
                 "log_snr": lambda: self.path.log_snr(s), "noise_ratio": lambda: self.path.noise_ratio(s)}[self.time_input]()
 
     def forward(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        s = _t(s).expand(x.shape[0]) if _t(s).ndim == 0 else _t(s)
+        s = as_time(s).expand(x.shape[0]) if as_time(s).ndim == 0 else as_time(s)
         t_in = self._time(s).to(device=x.device, dtype=x.dtype)
         pred = self.net(x, t_in) if cond is None else self.net(x, t_in, cond)
         if pred.shape != x.shape:

@@ -26,9 +26,16 @@ from pathlib import Path
 
 import torch
 
-from scoreaction.bench import executor, machine_info
-from scoreaction.config import atomic_write_bytes
-from scoreaction.quickstart import NUM_CLASSES, TASK, QuickstartConfig, learn_reward, task_image_report, train_config
+from scoreaction.experiments.common import executor, machine_info
+from scoreaction.experiments.quickstart import (
+    NUM_CLASSES,
+    TASK,
+    QuickstartConfig,
+    learn_reward,
+    task_image_report,
+    train_config,
+)
+from scoreaction.io import atomic_write_bytes
 from scoreaction.rewards.utilities import make_utility
 from scoreaction.samplers import make_grid
 from scoreaction.tasks.digits import digits_data

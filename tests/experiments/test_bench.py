@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from scoreaction.bench import ALGORITHMS, BenchConfig, run
+from scoreaction.experiments.finetune_bench import ALGORITHMS, BenchConfig, run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -57,8 +57,8 @@ def test_quick_bench_writes_report_plots_and_json(tmp_path):
 
 @pytest.mark.slow
 def test_quick_digits_bench_compares_the_algorithms_on_one_learned_reward(tmp_path, capsys):
-    from scoreaction import bench_digits
     from scoreaction.cli import main
+    from scoreaction.experiments import digits_bench as bench_digits
 
     assert main(["bench", "--task", "digits", "--quick", "--out", str(tmp_path), "-q"]) == 0
     text = (tmp_path / "digits.md").read_text()

@@ -33,7 +33,6 @@ import inspect
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -41,15 +40,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from scoreaction import evaluation
-from scoreaction.config import atomic_write_bytes
 from scoreaction.evaluation import objective, reference_of, solver_gain
+from scoreaction.experiments.common import executor, machine_info
+from scoreaction.io import atomic_write_bytes
 from scoreaction.metrics import fit_gaussian, gaussian_kl
 from scoreaction.policy import ScoreAsAction
 from scoreaction.samplers import make_grid
@@ -231,10 +230,6 @@ def _finite(value) -> float | None:
 
 
 # --- jobs: run in worker processes (or inline) --------------------------------------------------------
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def reference_job(job: dict) -> dict:
     """Exact reference of one task, the optimal control's per-sample J on the final evaluation draws, the noise
     floors of the distances to p*, and (robustness task) the optimal control's gains under every solver."""
@@ -393,7 +388,7 @@ def cost_cell(variant: str, dim: int, steps: int, batch_size: int, warmup: int, 
             "peak_reset": reset}
 
 
-_CELL_SCRIPT = ("import json, sys\nfrom scoreaction.bench import cost_cell\n"
+_CELL_SCRIPT = ("import json, sys\nfrom scoreaction.experiments.finetune_bench import cost_cell\n"
                 "print(json.dumps(cost_cell(**json.loads(sys.argv[1]))))\n")
 
 
@@ -440,39 +435,6 @@ def cost(config: BenchConfig, log: Callable[[str], None]) -> list[dict]:
 
 
 # --- the whole benchmark --------------------------------------------------------------------------------
-class _Inline:
-    """The executor interface, run in this process (quick mode, or workers=1)."""
-
-    def __init__(self, threads: int):
-        self.threads, self.saved = threads, torch.get_num_threads()
-
-    def __enter__(self):
-        torch.set_num_threads(self.threads)
-        return self
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
-
-    def map(self, fn, items):
-        return map(fn, list(items))
-
-
-def executor(config: BenchConfig):
-    if config.workers == 1:
-        return _Inline(config.threads)
-    import multiprocessing
-
-    return ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(config.threads,))
-
-
-def machine_info(config: BenchConfig) -> dict:
-    return {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "workers": config.workers, "threads_per_process": config.threads,
-            "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-
-
 def run(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run the chosen sections; write finetune.json, finetune.md and the PNGs into config.out; return the results."""
     log = log or (lambda message: None)

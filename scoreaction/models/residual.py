@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from scoreaction.models import ScoreModel
-from scoreaction.paths import _t
-from scoreaction.policy import freeze
+from scoreaction.models.frozen import attach_frozen
+from scoreaction.paths import as_time
 
 
 def time_features(s: torch.Tensor, n: int, batch: int, like: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     """Fourier features of s / T: [cos(pi k s/T), sin(pi k s/T)] for k = 1..n/2, shape (batch, n)."""
-    s = _t(s).to(device=like.device, dtype=like.dtype).reshape(-1).expand(batch) / T
+    s = as_time(s).to(device=like.device, dtype=like.dtype).reshape(-1).expand(batch) / T
     k = torch.arange(1, n // 2 + 1, device=like.device, dtype=like.dtype)
     ang = math.pi * s[:, None] * k
     return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1)
@@ -58,7 +58,7 @@ class ResidualScore(nn.Module):
 
     def __init__(self, pretrained: ScoreModel, net: nn.Module):
         super().__init__()
-        self.__dict__["pretrained"] = freeze(pretrained)  # a frozen reference: not a submodule, not in parameters()
+        attach_frozen(self, "pretrained", pretrained)
         self.net = net
 
     def forward(self, s, x: torch.Tensor, cond: torch.Tensor | None = None, s_pre: torch.Tensor | None = None
