@@ -7,7 +7,6 @@ same noise), so the gain is a paired difference with a small standard error.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
@@ -23,8 +22,7 @@ def sample_with(policy: ScoreAsAction, task, solver: str, steps: int, n: int, se
     sol = get_solver(solver)
     eta = sol.default_eta if eta is None else eta
     gen = torch.Generator().manual_seed(seed)
-    cond = task.sample_conditions(n, generator=gen) if hasattr(task, "sample_conditions") else None
-    x0 = task.prior_sample(n, generator=gen, dtype=dtype)
+    x0, cond = task.start(n, generator=gen, dtype=dtype)
     ts = make_grid(grid, task.path, steps, generator=gen)
     score = task.pretrained if pretrained else policy.score
     x = sol.sample(task.path, score, x0, ts, cond=cond, eta=eta, generator=gen)
@@ -45,35 +43,21 @@ def objective(policy: ScoreAsAction, task, steps: int = 200, n: int = 4096, seed
     """J(theta) = E[r(X_T)] - beta_KL KL (Eq. E5) by Euler-Maruyama rollouts on a uniform grid, with the
     fraction of the achievable improvement closed and distances to p* where the task knows them."""
     gen = torch.Generator().manual_seed(seed)
-    cond = task.sample_conditions(n, generator=gen) if hasattr(task, "sample_conditions") else None
-    x0 = task.prior_sample(n, generator=gen, dtype=dtype)
+    x0, cond = task.start(n, generator=gen, dtype=dtype)
     traj = policy.rollout(x0, make_grid("uniform", task.path, steps), cond, generator=gen)
     r = task.reward(traj.x_final, cond)
     J = r - task.beta_kl * traj.path_kl
     out = {"reward": float(r.mean()), "path_kl": float(traj.path_kl.mean()), "J": float(J.mean()),
            "J_se": float(J.std() / math.sqrt(n))}
-    ref = reference_of(task)
+    ref = task.reference()
     if ref is not None:
         out["fraction"] = (out["J"] - ref["E_pre_r"]) / (ref["J_star"] - ref["E_pre_r"])
         if task.name == "gaussian":
             mean, cov = fit_gaussian(traj.x_final)
             out["gaussian_kl"] = gaussian_kl(mean, cov, ref["p_star_mean"], ref["p_star_cov"])
-        elif hasattr(task, "sample_optimal"):
+        elif task.exact:
             exact = task.sample_optimal(n, generator=torch.Generator().manual_seed(seed + 1))
             floor = task.sample_optimal(n, generator=torch.Generator().manual_seed(seed + 2))
             out["sliced_w2"] = sliced_wasserstein(traj.x_final, exact, seed=seed)
             out["sliced_w2_floor"] = sliced_wasserstein(floor, exact, seed=seed)
     return out
-
-
-_REFERENCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def reference_of(task) -> dict | None:
-    """The task's exact reference, computed once per task object; None where there is none."""
-    if task not in _REFERENCES:
-        try:
-            _REFERENCES[task] = task.reference() if task.beta_kl > 0 else None
-        except (NotImplementedError, AttributeError):
-            _REFERENCES[task] = None
-    return _REFERENCES[task]

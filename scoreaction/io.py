@@ -61,3 +61,39 @@ def load_matching(module, tensors: dict, what: str, *,
         if tensors[key].shape != value.shape:
             raise ValueError(f"{what}: {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(value.shape)}")
     module.load_state_dict({k: tensors[k].to(v.dtype) for k, v in expected.items()})
+
+
+def image_grid(images, per_row: int = 10, value_range: tuple[float, float] = (-1.0, 1.0), pad: int = 1):
+    """Images (N, C, H, W) with C = 1 or 3 -> one uint8 canvas (rows x cols, (H + pad) x (W + pad) each)
+    as a numpy array (H', W') or (H', W', 3); values outside `value_range` are clipped."""
+    import numpy as np
+
+    x = np.asarray(images, dtype=np.float64)
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, 1 or 3, H, W), found {tuple(x.shape)}")
+    lo, hi = value_range
+    x = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    n, c, h, w = x.shape
+    cols = min(per_row, n)
+    rows = -(-n // cols)
+    canvas = np.ones((c, rows * (h + pad) + pad, cols * (w + pad) + pad))
+    for i in range(n):
+        r, q = divmod(i, cols)
+        canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
+    canvas = (canvas * 255).round().astype(np.uint8)
+    return canvas[0] if c == 1 else canvas.transpose(1, 2, 0)
+
+
+def save_png(path: str | os.PathLike, array, scale: int = 1) -> None:
+    """Write a uint8 (H, W) or (H, W, 3) array as a PNG, atomically, each pixel `scale` x `scale`."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.asarray(array))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

@@ -19,9 +19,12 @@ def algorithm_class(name: str) -> type[Algorithm]:
     return ALGORITHMS[name]
 
 
-def make_algorithm(name: str, policy, task, options: dict | None = None) -> Algorithm:
+def make_algorithm(name: str, policy, task, options: AlgorithmConfig | dict | None = None) -> Algorithm:
+    """An algorithm by name, with its config dataclass or a dict of its options (unknown keys are an error)."""
     cls = algorithm_class(name)
-    return cls(policy, task, cls.Config.from_dict(dict(options or {}), f"for algorithm {name!r}"))
+    if not isinstance(options, AlgorithmConfig):
+        options = cls.Config.from_dict(dict(options or {}), f"for algorithm {name!r}")
+    return cls(policy, task, options)
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "AlgorithmConfig", "Batch", "Transitions", "algorithm_class", "make_algorithm"]

@@ -9,13 +9,16 @@ Clock: RL time t throughout.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
 
 from scoreaction.config import Options, check_positive, check_positive_int
 from scoreaction.policy import ScoreAsAction, Trajectory, gaussian_log_prob
+
+if TYPE_CHECKING:
+    from scoreaction.tasks import Task
 
 
 @dataclass
@@ -26,6 +29,11 @@ class AlgorithmConfig(Options):
     epochs: int = 1  # passes over each batch
     minibatches: int = 1  # per pass
     max_grad_norm: float = 1.0
+
+    @property
+    def samples_per_condition(self) -> int:
+        """Consecutive rollouts that share one condition (GRPO's groups); the batch size must be a multiple."""
+        return 1
 
     def __post_init__(self):
         check_positive("lr", self.lr)
@@ -141,8 +149,13 @@ class Algorithm:
     Config: type[AlgorithmConfig] = AlgorithmConfig
     unit: str = "transition"  # what a minibatch holds: transitions, or whole samples
 
-    def __init__(self, policy: ScoreAsAction, task: Any, config: AlgorithmConfig):
+    def __init__(self, policy: ScoreAsAction, task: Task, config: AlgorithmConfig):
         self.policy, self.task, self.config = policy, task, config
+
+    @property
+    def beta_kl(self) -> float:
+        """The KL weight of the control problem (Eq. E5): always the task's."""
+        return self.task.beta_kl
 
     def prepare(self, batch: Batch, generator: torch.Generator | None = None) -> tuple[Any, dict]:
         """Per batch: advantages (and value fit). Returns (data for minibatches, metrics)."""

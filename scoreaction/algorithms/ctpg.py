@@ -28,5 +28,5 @@ class CTPG(CTRL):
         ratio = (log_prob - mb.log_prob).exp()
         loss = -(ratio * mb.adv).mean()
         if self.config.kl_grad:
-            loss = loss + self.task.beta_kl * kl.mean() / self.kl_scale
+            loss = loss + self.beta_kl * kl.mean() / self.kl_scale
         return loss, {"ratio_mean": ratio.mean().item()}

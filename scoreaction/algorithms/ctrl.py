@@ -33,7 +33,6 @@ from scoreaction.algorithms.base import (
     rescore,
 )
 from scoreaction.config import check_choice, check_positive, check_positive_int
-from scoreaction.models.residual import MLP
 from scoreaction.value import ValueNet
 
 ADVANTAGES = ("td", "grad")
@@ -75,9 +74,7 @@ class CTRL(Algorithm):
 
     def __init__(self, policy, task, config: CTRLConfig):
         super().__init__(policy, task, config)
-        head = getattr(task, "value_head", None)
-        head = head() if callable(head) else MLP(int(torch.Size(task.shape).numel()), 1, hidden=config.value_hidden,
-                                                 num_classes=getattr(task, "num_classes", 0), T=task.path.T)
+        head = task.make_value_head(config.value_hidden)
         self.value = ValueNet(task.path, task.pretrained, task.reward, head)
         self.value_opt = torch.optim.Adam(self.value.parameters(), lr=config.value_lr)
         self.kl_scale = 1.0
@@ -109,7 +106,7 @@ class CTRL(Algorithm):
 
     def advantages(self, batch: Batch, values: torch.Tensor) -> torch.Tensor:
         traj = batch.traj
-        rho_dt = -batch.beta_kl * traj.kls
+        rho_dt = -self.beta_kl * traj.kls
         if self.config.advantage == "td":
             v_next = torch.cat([values[1:], batch.rewards.unsqueeze(0)])  # V(t_K, .) = r exactly
             adv = v_next - values + rho_dt
@@ -142,7 +139,7 @@ class CTRL(Algorithm):
         surrogate, diag = clipped_surrogate(log_prob, mb.log_prob, mb.adv, self.config.clip)
         loss = -surrogate.mean()
         if self.config.kl_grad:
-            loss = loss + self.task.beta_kl * kl.mean() / self.kl_scale
+            loss = loss + self.beta_kl * kl.mean() / self.kl_scale
         return loss, diag
 
     def modules(self):

@@ -1,9 +1,9 @@
 """DPOK (Fan et al. 2023), Eq. E17: policy gradient with a per-step KL to the pretrained model.
 
-Clock: RL time t. loss = -reward_weight * E sum_k ratio_k A + kl_weight * E sum_k KL_k, where A is the
+Clock: RL time t. loss = -reward_weight * E sum_k ratio_k A + beta_KL * E sum_k KL_k, where A is the
 terminal reward centred (default) or normalised over the batch, the same for every step, and KL_k is
-the closed-form KL between the Gaussian transitions of the policy and the pretrained model. With
-kl_weight = beta_KL (the default) and a centred reward the objective is J of Eq. E5.
+the closed-form KL between the Gaussian transitions of the policy and the pretrained model (Eq. E6);
+beta_KL is the task's. With reward_weight = 1 and a centred reward the objective is J of Eq. E5.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scoreaction.algorithms.base import Algorithm, AlgorithmConfig, Batch, Transitions, rescore
-from scoreaction.config import check_choice, check_nonnegative, check_positive
+from scoreaction.config import check_choice, check_positive
 
 REWARD_SCALINGS = ("center", "normalize")
 
@@ -22,14 +22,11 @@ class DPOKConfig(AlgorithmConfig):
     epochs: int = 1
     minibatches: int = 1
     reward_weight: float = 1.0
-    kl_weight: float | None = None  # None: the task's beta_kl
     reward_scaling: str = "center"
 
     def __post_init__(self):
         super().__post_init__()
         check_positive("reward_weight", self.reward_weight)
-        if self.kl_weight is not None:
-            check_nonnegative("kl_weight", self.kl_weight)
         check_choice("reward_scaling", self.reward_scaling, REWARD_SCALINGS)
 
 
@@ -46,6 +43,5 @@ class DPOK(Algorithm):
     def loss(self, policy, mb: Transitions):
         log_prob, kl = rescore(policy, mb)
         ratio = (log_prob - mb.log_prob).exp()
-        kl_weight = self.task.beta_kl if self.config.kl_weight is None else self.config.kl_weight
-        loss = -self.config.reward_weight * (ratio * mb.adv).mean() + kl_weight * kl.mean()
+        loss = -self.config.reward_weight * (ratio * mb.adv).mean() + self.beta_kl * kl.mean()
         return loss, {"ratio_mean": ratio.mean().item()}

@@ -56,5 +56,5 @@ class DRaFT(Algorithm):
         for k in range(start, K):
             out = policy.step(float(traj.ts[k]), float(traj.ts[k + 1]), x, cond, noise=traj.noises[k, idx])
             x, kl = out.x_next, kl + out.kl
-        objective = self.task.reward(x, cond) - self.task.beta_kl * kl
+        objective = self.task.reward(x, cond) - self.beta_kl * kl
         return -objective.mean(), {}

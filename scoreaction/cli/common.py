@@ -1,50 +1,43 @@
-"""Helpers shared by the command modules: config assembly and output."""
+"""Helpers shared by the command modules: threads, output files, printing."""
 
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import os
 
 import numpy as np
 import torch
 
-from scoreaction.config import apply_overrides, load_yaml, merge
 from scoreaction.io import atomic_write_bytes
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML config file (defaults < file < flags < --set)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set task.dim=16 (repeatable)")
-
-
-def add_threads_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch CPU threads (default: torch's choice; 1 when other jobs share the cores)")
+def add_run_switches(parser: argparse.ArgumentParser, *, quiet: bool = True, threads: bool = True) -> None:
+    """Switches that change how a command runs, not what it computes: -q and --threads."""
+    if quiet:
+        parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or progress lines")
+    if threads:
+        parser.add_argument("--threads", type=int, metavar="N",
+                            help="torch CPU threads (default: torch's choice; 1 when other jobs share the cores)")
 
 
 def set_threads(args: argparse.Namespace) -> None:
-    if args.threads is None:
+    if getattr(args, "threads", None) is None:
         return
     if args.threads < 1:
         raise ValueError(f"threads must be a positive integer, found {args.threads}")
     torch.set_num_threads(args.threads)
 
 
-def build_config(args: argparse.Namespace, flags: dict) -> dict:
-    """defaults (in the dataclasses) < --config file < explicit flags < --set overrides."""
-    config = load_yaml(args.config) if args.config else {}
-    explicit = {}
-    for dotted, value in flags.items():
-        if value is not None:
-            section, key = dotted.split(".")
-            explicit.setdefault(section, {})[key] = value
-    return apply_overrides(merge(config, explicit), args.overrides)
+def check_new_file(path: str, what: str = "output") -> None:
+    """An output path must not be an existing folder, and its folder must exist or be creatable."""
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a folder; expected a file name")
 
 
 def save_npz(path: str, **arrays) -> None:
-    """np.savez, written atomically; strings are stored as unicode arrays (loadable without pickle)."""
+    """np.savez, written atomically; dicts are stored as JSON text (loadable without pickle)."""
     buf = io.BytesIO()
     np.savez(buf, **{k: (np.asarray(json.dumps(v)) if isinstance(v, dict) else np.asarray(v)) for k, v in arrays.items()})
     atomic_write_bytes(path, buf.getvalue())
@@ -54,3 +47,10 @@ def fmt_vec(v, digits: int = 4, limit: int = 6) -> str:
     v = list(np.asarray(v, dtype=float).reshape(-1))
     body = ", ".join(f"{x:.{digits}f}" for x in v[:limit])
     return f"[{body}{', ...' if len(v) > limit else ''}]"
+
+
+def print_table(values: dict, keys=None) -> None:
+    for key in keys or values:
+        if key in values:
+            value = values[key]
+            print(f"{key:22s} {value:.5g}" if isinstance(value, float) else f"{key:22s} {value}")

@@ -8,92 +8,281 @@
     serve         the labeling web app (127.0.0.1 by default)
     export/import JSON lines, arrays inline; importing twice adds nothing
     stats         what the store holds
+
+Each action's options are one dataclass below; its flags are derived from the fields (cli/options.py),
+and every action also takes `--config FILE` and `--set key=value` (the keys are the field names, e.g.
+`--set error_rate=0.1`; `feedback import --in FILE` is the key `input`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from scoreaction.cli.options import add_config_args, add_options, assemble
+from scoreaction.config import (
+    Options,
+    check_choice,
+    check_nonnegative,
+    check_nonnegative_int,
+    check_positive_int,
+    option,
+)
 from scoreaction.feedback.server import listen, url_of
 from scoreaction.feedback.store import PreferenceStore
 
 DEFAULT_PORT = 8765
+STRATEGIES = ("random", "disagreement")
 
 
-def open_store(args: argparse.Namespace) -> PreferenceStore:
-    return PreferenceStore(args.store, create=getattr(args, "create", False))
+# --- validation helpers shared with cli/reward.py ----------------------------------------------------
+def require(flag: str, value) -> None:
+    """A "required" option: a field that defaults to None, named by its flag when it is missing."""
+    if value is None:
+        raise ValueError(f"{flag} is required")
 
 
-def positive(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, found {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, found {value}")
-        return value
-    return parse
+def check_text(name: str, value) -> None:
+    """An optional string option (None, or a non-empty string)."""
+    if value is not None and not (isinstance(value, str) and value):
+        raise ValueError(f"{name} must be a non-empty string, found {value!r}")
+
+
+def check_flag(name: str, value) -> None:
+    if type(value) is not bool:
+        raise ValueError(f"{name} must be true or false, found {value!r}")
+
+
+def check_labeler(opts) -> None:
+    """The simulated labeler's options (utility, temperature, error_rate, tie_margin) of `opts`."""
+    check_text("utility", opts.utility)
+    check_nonnegative("temperature", opts.temperature)
+    if not (isinstance(opts.error_rate, (int, float)) and not isinstance(opts.error_rate, bool)
+            and 0 <= opts.error_rate <= 1):
+        raise ValueError(f"error_rate must be in [0, 1], found {opts.error_rate!r}")
+    check_nonnegative("tie_margin", opts.tie_margin)
+
+
+def help_of(cls, name: str) -> str:
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"]
+
+
+def flag_dest(name: str) -> str:
+    """The argparse dest under which cli/options.py collects a top-level option (for the positional NAME
+    and the `--in` spelling, which add_options cannot derive)."""
+    return f"opt::{name}"
+
+
+# --- the options of each action ------------------------------------------------------------------------
+@dataclass
+class StoreOptions(Options):
+    """init, stats, and the base of every action: which store."""
+
+    store: str | None = option(None, help="the preference store (an SQLite file); required")
+
+    def __post_init__(self):
+        require("--store", self.store)
+        check_text("store", self.store)
+
+    def open(self) -> PreferenceStore:
+        return PreferenceStore(self.store, create=getattr(self, "create", False))
+
+
+@dataclass
+class NewStoreOptions(StoreOptions):
+    """Actions that may create the store they write to."""
+
+    create: bool = option(False, help="create the store if it does not exist")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_flag("create", self.create)
+
+
+@dataclass
+class AddLabelerOptions(NewStoreOptions):
+    name: str | None = option(None, flag=False, help="labeler name (letters, digits, _.@+-)")
+    replace: bool = option(False, help="issue a new token for an existing labeler (voids the old)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require("NAME", self.name)
+        check_text("name", self.name)
+        check_flag("replace", self.replace)
+
+
+@dataclass
+class AddItemsOptions(NewStoreOptions):
+    checkpoint: str | None = option(None, help="a checkpoint folder or a run folder (its latest checkpoint)")
+    task: str | None = option(None, help="a built-in task (with --pretrained)")
+    pretrained: bool = option(False, help="sample the task's pretrained model")
+    n: int | None = option(None, help="number of samples; required")
+    solver: str = option("em", help="solver")
+    steps: int = option(100, help="solver steps")
+    seed: int = option(0, help="random seed")
+    model: str | None = option(None, help="label stored with the items (default checkpoint:PATH or pretrained:TASK)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("checkpoint", "task", "solver", "model"):
+            check_text(name, getattr(self, name))
+        check_flag("pretrained", self.pretrained)
+        require("--n", self.n)
+        check_positive_int("n", self.n)
+        check_positive_int("steps", self.steps)
+        check_nonnegative_int("seed", self.seed)
+        if bool(self.checkpoint) == bool(self.task):
+            raise ValueError("give either --checkpoint DIR or --task NAME --pretrained")
+        if self.task and not self.pretrained:
+            raise ValueError("--task samples the task's pretrained model: add --pretrained (or use --checkpoint DIR)")
+
+
+@dataclass
+class PairOptions(StoreOptions):
+    """Which pairs to ask: enqueue and simulate."""
+
+    pairs: int | None = option(None, help="number of pairs; required")
+    strategy: str = option("random", help="random pairs, or disagreement: where a reward ensemble disagrees most "
+                                          "(needs --reward-model)")
+    reward_model: str | None = option(None, help="a fitted reward ensemble's folder (BTRewardModel.save)")
+    task: str | None = option(None, help="which task's items (default: the store's only task)")
+    seed: int = option(0, help="random seed")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require("--pairs", self.pairs)
+        check_positive_int("pairs", self.pairs)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_text("reward_model", self.reward_model)
+        check_text("task", self.task)
+        check_nonnegative_int("seed", self.seed)
+        if self.strategy == "disagreement" and not self.reward_model:
+            raise ValueError("--strategy disagreement needs --reward-model DIR (a fitted reward ensemble)")
+        if self.strategy != "disagreement" and self.reward_model:
+            raise ValueError("--reward-model is used only with --strategy disagreement")
+
+
+@dataclass
+class EnqueueOptions(PairOptions):
+    clear: bool = option(False, help="empty the queue first")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_flag("clear", self.clear)
+
+
+@dataclass
+class SimulateOptions(PairOptions):
+    labeler: str | None = option(None, help="labeler id written with the answers; required")
+    utility: str | None = option(None, help="hidden utility (default: the task's default)")
+    temperature: float = option(1.0, help="Bradley-Terry temperature")
+    error_rate: float = option(0.0, help="probability of a coin-flip answer")
+    tie_margin: float = option(0.0, help="|du| below which the answer is a tie")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require("--labeler", self.labeler)
+        check_text("labeler", self.labeler)
+        check_labeler(self)
+
+
+@dataclass
+class ExportOptions(StoreOptions):
+    out: str | None = option(None, help="output .jsonl file; required")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require("--out", self.out)
+        check_text("out", self.out)
+
+
+@dataclass
+class ImportOptions(NewStoreOptions):
+    input: str | None = option(None, help="input .jsonl file written by export; required")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require("--in", self.input)
+        check_text("input", self.input)
+
+
+@dataclass
+class ServeOptions(StoreOptions):
+    host: str = option("127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    port: int = option(DEFAULT_PORT, help="port (0: any free port)")
+    question: str = option("Which sample do you prefer?", help="the question shown above each pair")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_text("host", self.host)
+        check_text("question", self.question)
+        check_nonnegative_int("port", self.port)
+        if self.port > 65535:
+            raise ValueError(f"port must be at most 65535, found {self.port}")
+
+
+def read_options(args: argparse.Namespace, cls):
+    """The action's options: defaults < --config < flags < --set, validated by `cls`."""
+    return cls.from_dict(assemble(args), f"for feedback {args.feedback_command}")
 
 
 # --- store and labelers ----------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
-    if Path(args.store).exists():
-        raise ValueError(f"{args.store!r} already exists; `init` creates a new store only")
-    store = PreferenceStore(args.store, create=True)
+    opts = read_options(args, StoreOptions)
+    if Path(opts.store).exists():
+        raise ValueError(f"{opts.store!r} already exists; `init` creates a new store only")
+    store = PreferenceStore(opts.store, create=True)
     print(f"created preference store {store.path}")
     return 0
 
 
 def cmd_add_labeler(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    token = store.add_labeler(args.name, replace=args.replace)
+    opts = read_options(args, AddLabelerOptions)
+    token = opts.open().add_labeler(opts.name, replace=opts.replace)
     print(token)
-    sys.stderr.write(f"labeler {args.name!r}: give them this token once (it is not stored); with "
-                     f"`scoreaction feedback serve --store {args.store}` running they open "
+    sys.stderr.write(f"labeler {opts.name!r}: give them this token once (it is not stored); with "
+                     f"`scoreaction feedback serve --store {opts.store}` running they open "
                      f"http://127.0.0.1:{DEFAULT_PORT}/?token={token}\n")
     return 0
 
 
 # --- items -----------------------------------------------------------------------------------------
-def sample_items(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None, str, str]:
+def sample_items(opts: AddItemsOptions) -> tuple[torch.Tensor, torch.Tensor | None, str, str]:
     """(samples (n, *shape), class labels or None, task name, model label)."""
     from scoreaction.evaluation import sample_with
 
-    if args.checkpoint:
+    if opts.checkpoint:
         from scoreaction.train.checkpoint import resolve
         from scoreaction.train.loop import Trainer
 
-        trainer = Trainer.from_checkpoint(args.checkpoint, progress=False)
+        trainer = Trainer.from_checkpoint(opts.checkpoint, progress=False)
         policy, task, dtype = trainer.policy, trainer.task, trainer.dtype
-        model = args.model or f"checkpoint:{resolve(args.checkpoint)}"
+        model = opts.model or f"checkpoint:{resolve(opts.checkpoint)}"
         pretrained = False
     else:
         from scoreaction.tasks import make_task
 
-        policy, task, dtype = None, make_task(args.task), torch.float32
-        model = args.model or f"pretrained:{task.name}"
+        policy, task, dtype = None, make_task(opts.task), torch.float32
+        model = opts.model or f"pretrained:{task.name}"
         pretrained = True
-    x, _ = sample_with(policy, task, args.solver, args.steps, args.n, args.seed, pretrained=pretrained, dtype=dtype)
+    x, _ = sample_with(policy, task, opts.solver, opts.steps, opts.n, opts.seed, pretrained=pretrained, dtype=dtype)
     cond = None
     if hasattr(task, "sample_conditions"):  # the labels sample_with drew: the first draw of the same generator
-        cond = task.sample_conditions(args.n, generator=torch.Generator().manual_seed(args.seed))
+        cond = task.sample_conditions(opts.n, generator=torch.Generator().manual_seed(opts.seed))
     return x.float(), cond, task.name, model
 
 
 def cmd_add_items(args: argparse.Namespace) -> int:
-    if bool(args.checkpoint) == bool(args.task):
-        raise ValueError("give either --checkpoint DIR or --task NAME --pretrained")
-    if args.task and not args.pretrained:
-        raise ValueError("--task samples the task's pretrained model: add --pretrained (or use --checkpoint DIR)")
-    store = open_store(args)
-    x, cond, task_name, model = sample_items(args)
+    opts = read_options(args, AddItemsOptions)
+    store = opts.open()
+    x, cond, task_name, model = sample_items(opts)
     conditions = None if cond is None else [int(c) for c in cond]
     ids = store.add_items(x, task=task_name, conditions=conditions, model=model)
     print(f"added {len(set(ids))} items of task {task_name!r} from {model} (ids {min(ids)}..{max(ids)}) to {store.path}")
@@ -136,84 +325,86 @@ def class_labels(conditions: list) -> torch.Tensor | None:
     return torch.tensor(conditions, dtype=torch.long)
 
 
-def choose_pairs(args, ids: list[int], x: torch.Tensor, conditions: list, exclude=()) -> list[tuple[int, int]]:
-    """args.pairs pairs of item ids by args.strategy (select_pairs on item indices)."""
+def choose_pairs(opts: PairOptions, ids: list[int], x: torch.Tensor, conditions: list,
+                 exclude=()) -> list[tuple[int, int]]:
+    """opts.pairs pairs of item ids by opts.strategy (select_pairs on item indices)."""
     from scoreaction.feedback.selection import select_pairs
 
     model = None
-    if args.strategy == "disagreement":
-        if not args.reward_model:
-            raise ValueError("--strategy disagreement needs --reward-model DIR (a fitted reward ensemble)")
+    if opts.strategy == "disagreement":
         from scoreaction.rewards.preference import load_reward_model
 
-        model = load_reward_model(args.reward_model)
-    elif args.reward_model:
-        raise ValueError("--reward-model is used only with --strategy disagreement")
+        model = load_reward_model(opts.reward_model)
     position = {item_id: k for k, item_id in enumerate(ids)}
     excluded = [(position[a], position[b]) for a, b in exclude if a in position and b in position]
     # pairs stay within a condition: select_pairs groups by cond (the class labels when a model scores them)
     cond = class_labels(conditions) if model is not None else condition_groups(conditions)
-    pairs = select_pairs(len(ids), args.pairs, strategy=args.strategy, items=x, cond=cond, model=model,
-                         generator=torch.Generator().manual_seed(args.seed), exclude=excluded)
+    pairs = select_pairs(len(ids), opts.pairs, strategy=opts.strategy, items=x, cond=cond, model=model,
+                         generator=torch.Generator().manual_seed(opts.seed), exclude=excluded)
     return [(ids[i], ids[j]) for i, j in pairs]
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    store = open_store(args)
-    if args.clear:
+    opts = read_options(args, EnqueueOptions)
+    store = opts.open()
+    if opts.clear:
         print(f"removed {store.clear_queue()} queued pairs")
-    task, ids, x, conditions = task_items(store, args.task)
-    pairs = choose_pairs(args, ids, x, conditions, exclude=store.queue())
-    added = store.enqueue_pairs(pairs)
-    print(f"queued {added} pairs of task {task!r} ({args.strategy}); the queue holds {len(store.queue())}")
+    task, ids, x, conditions = task_items(store, opts.task)
+    added = store.enqueue_pairs(choose_pairs(opts, ids, x, conditions, exclude=store.queue()))
+    print(f"queued {added} pairs of task {task!r} ({opts.strategy}); the queue holds {len(store.queue())}")
     return 0
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
+def simulated_answers(store: PreferenceStore, opts: SimulateOptions) -> tuple[str, list[dict]]:
+    """(task, comparison rows): the simulated labeler's answers to new pairs of the task's items."""
     from scoreaction.feedback.labelers import SimulatedLabeler
     from scoreaction.rewards.utilities import make_utility
 
-    store = open_store(args)
-    task, ids, x, conditions = task_items(store, args.task)
-    labeler = SimulatedLabeler(make_utility(task, args.utility), temperature=args.temperature,
-                               error_rate=args.error_rate, tie_margin=args.tie_margin, seed=args.seed, name=args.labeler)
-    answered = [(c["left"], c["right"]) for c in store.comparisons(labeler=args.labeler)]
-    pairs = choose_pairs(args, ids, x, conditions, exclude=answered)
+    task, ids, x, conditions = task_items(store, opts.task)
+    labeler = SimulatedLabeler(make_utility(task, opts.utility), temperature=opts.temperature,
+                               error_rate=opts.error_rate, tie_margin=opts.tie_margin, seed=opts.seed,
+                               name=opts.labeler)
+    answered = [(c["left"], c["right"]) for c in store.comparisons(labeler=opts.labeler)]
+    pairs = choose_pairs(opts, ids, x, conditions, exclude=answered)
     position = {item_id: k for k, item_id in enumerate(ids)}
     left = torch.stack([x[position[a]] for a, _ in pairs])
     right = torch.stack([x[position[b]] for _, b in pairs])
     labels = class_labels(conditions)
     cond = None if labels is None else torch.stack([labels[position[a]] for a, _ in pairs])
     choices = labeler.choose(left, right, cond)
-    store.add_comparisons([{"left": a, "right": b, "choice": c, "labeler": args.labeler}
-                           for (a, b), c in zip(pairs, choices)])
-    counts = {c: choices.count(c) for c in ("left", "right", "tie")}
-    print(f"{args.labeler}: {len(choices)} answers on task {task!r} ({args.strategy} pairs) "
+    return task, [{"left": a, "right": b, "choice": c, "labeler": opts.labeler} for (a, b), c in zip(pairs, choices)]
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    opts = read_options(args, SimulateOptions)
+    store = opts.open()
+    task, rows = simulated_answers(store, opts)
+    store.add_comparisons(rows)
+    counts = {c: sum(row["choice"] == c for row in rows) for c in ("left", "right", "tie")}
+    print(f"{opts.labeler}: {len(rows)} answers on task {task!r} ({opts.strategy} pairs) "
           f"left {counts['left']}, right {counts['right']}, tie {counts['tie']}")
     return 0
 
 
 # --- exchange, summary, the app ----------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    counts = open_store(args).export_jsonl(args.out)
+    opts = read_options(args, ExportOptions)
+    counts = opts.open().export_jsonl(opts.out)
     print(f"wrote {counts['items']} items, {counts['comparisons']} comparisons, {counts['queue']} queued pairs "
-          f"to {args.out}")
+          f"to {opts.out}")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    counts = open_store(args).import_jsonl(args.input)
+    opts = read_options(args, ImportOptions)
+    counts = opts.open().import_jsonl(opts.input)
     print(f"imported {counts['items_added']} new items ({counts['items_existing']} already stored), "
           f"{counts['comparisons_added']} new comparisons ({counts['comparisons_existing']} already stored), "
           f"{counts['queue_added']} queued pairs")
     return 0
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
-    stats = open_store(args).stats()
-    if args.json:
-        print(json.dumps(stats, indent=2))
-        return 0
+def print_stats(stats: dict) -> None:
     print(f"store      {stats['store']}")
     if not stats["items"]:
         print("items      none")
@@ -223,13 +414,28 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"labelers   {', '.join(stats['labelers']) or 'none'} (with tokens)")
     if not stats["comparisons"]:
         print("answers    none")
-        return 0
+        return
     print(f"answers    {'labeler':24s} {'total':>6s} {'left':>6s} {'right':>6s} {'tie':>6s} {'skip':>6s} {'mean ms':>8s}")
     for name, row in stats["comparisons"].items():
         ms = row.get("mean_response_ms")
         print(f"{'':10s} {name:24s} {row['answers']:6d} {row['left']:6d} {row['right']:6d} {row['tie']:6d} "
               f"{row['skip']:6d} {'-' if ms is None else f'{ms:.0f}':>8s}")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = read_options(args, StoreOptions).open().stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print_stats(stats)
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -237,21 +443,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from scoreaction.feedback.app import create_app
 
-    store = open_store(args)
-    app = create_app(store, question=args.question)
-    sock = listen(args.host, args.port)
-    try:
-        loopback = ipaddress.ip_address(args.host).is_loopback
-    except ValueError:
-        loopback = args.host == "localhost"
-    if not loopback:
+    opts = read_options(args, ServeOptions)
+    store = opts.open()
+    app = create_app(store, question=opts.question)
+    sock = listen(opts.host, opts.port)
+    if not is_loopback(opts.host):
         sys.stderr.write("scoreaction: warning: serving beyond this machine over plain HTTP; tokens travel in clear "
                          "(put a TLS proxy in front)\n")
     url = url_of(sock)
     print(f"labeling app for {store.path} at {url}  (labelers open {url}?token=THEIR_TOKEN; Ctrl-C stops)", flush=True)
     # no access log: it would show the page's ?token=... to anyone reading the log
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    server.run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
     return 0
 
 
@@ -259,61 +461,23 @@ def register(sub) -> None:
     p = sub.add_parser("feedback", help="preference store, labelers and the labeling web app")
     fsub = p.add_subparsers(dest="feedback_command", metavar="ACTION", parser_class=type(p), required=True)
 
-    def add(name: str, help: str, run, create: bool = False) -> argparse.ArgumentParser:
+    def add(name: str, help: str, run, cls, skip=()) -> argparse.ArgumentParser:
         q = fsub.add_parser(name, help=help, description=help)
-        q.add_argument("--store", required=True, metavar="FILE", help="the preference store (an SQLite file)")
-        if create:
-            q.add_argument("--create", action="store_true", help="create the store if it does not exist")
+        add_options(q, cls, skip=skip)
+        add_config_args(q)
         q.set_defaults(run=run)
         return q
 
-    add("init", "create an empty preference store", cmd_init)
-
-    q = add("add-labeler", "register a labeler and print their token", cmd_add_labeler, create=True)
-    q.add_argument("name", metavar="NAME", help="labeler name (letters, digits, _.@+-)")
-    q.add_argument("--replace", action="store_true", help="issue a new token for an existing labeler (voids the old)")
-
-    q = add("add-items", "sample a checkpoint's policy or a task's pretrained model into the store", cmd_add_items,
-            create=True)
-    q.add_argument("--checkpoint", metavar="DIR", help="a checkpoint folder or a run folder (its latest checkpoint)")
-    q.add_argument("--task", help="a built-in task (with --pretrained)")
-    q.add_argument("--pretrained", action="store_true", help="sample the task's pretrained model")
-    q.add_argument("--n", type=positive("--n"), required=True, help="number of samples")
-    q.add_argument("--solver", default="em", help="solver (default em)")
-    q.add_argument("--steps", type=positive("--steps"), default=100, help="solver steps (default 100)")
-    q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    q.add_argument("--model", help="label stored with the items (default checkpoint:PATH or pretrained:TASK)")
-
-    def pair_options(q):
-        q.add_argument("--pairs", type=positive("--pairs"), required=True, help="number of pairs")
-        q.add_argument("--strategy", choices=("random", "disagreement"), default="random",
-                       help="random pairs, or where a reward ensemble disagrees most (needs --reward-model)")
-        q.add_argument("--reward-model", metavar="DIR", help="a fitted reward ensemble's folder (BTRewardModel.save)")
-        q.add_argument("--task", help="which task's items (default: the store's only task)")
-        q.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-
-    q = add("enqueue", "queue pairs for the labelers of the web app", cmd_enqueue)
-    pair_options(q)
-    q.add_argument("--clear", action="store_true", help="empty the queue first")
-
-    q = add("simulate", "answer pairs with a simulated Bradley-Terry labeler", cmd_simulate)
-    q.add_argument("--labeler", required=True, metavar="NAME", help="labeler id written with the answers")
-    q.add_argument("--utility", help="hidden utility (default: the task's default)")
-    q.add_argument("--temperature", type=float, default=1.0, help="Bradley-Terry temperature (default 1)")
-    q.add_argument("--error-rate", type=float, default=0.0, help="probability of a coin-flip answer (default 0)")
-    q.add_argument("--tie-margin", type=float, default=0.0, help="|du| below which the answer is a tie (default 0)")
-    pair_options(q)
-
-    q = add("export", "write the store as JSON lines (arrays inline)", cmd_export)
-    q.add_argument("--out", required=True, metavar="FILE", help="output .jsonl file")
-
-    q = add("import", "read JSON lines written by export (idempotent)", cmd_import, create=True)
-    q.add_argument("--in", dest="input", required=True, metavar="FILE", help="input .jsonl file")
-
-    q = add("serve", "run the labeling web app", cmd_serve)
-    q.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    q.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
-    q.add_argument("--question", default="Which sample do you prefer?", help="the question shown above each pair")
-
-    q = add("stats", "what the store holds", cmd_stats)
+    add("init", "create an empty preference store", cmd_init, StoreOptions)
+    q = add("add-labeler", "register a labeler and print their token", cmd_add_labeler, AddLabelerOptions)
+    q.add_argument(flag_dest("name"), nargs="?", metavar="NAME", help=help_of(AddLabelerOptions, "name"))
+    add("add-items", "sample a checkpoint's policy or a task's pretrained model into the store", cmd_add_items,
+        AddItemsOptions)
+    add("enqueue", "queue pairs for the labelers of the web app", cmd_enqueue, EnqueueOptions)
+    add("simulate", "answer pairs with a simulated Bradley-Terry labeler", cmd_simulate, SimulateOptions)
+    add("export", "write the store as JSON lines (arrays inline)", cmd_export, ExportOptions)
+    q = add("import", "read JSON lines written by export (idempotent)", cmd_import, ImportOptions, skip=("input",))
+    q.add_argument("--in", dest=flag_dest("input"), metavar="FILE", help=help_of(ImportOptions, "input"))
+    add("serve", "run the labeling web app", cmd_serve, ServeOptions)
+    q = add("stats", "what the store holds", cmd_stats, StoreOptions)
     q.add_argument("--json", action="store_true", help="print JSON")

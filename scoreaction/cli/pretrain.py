@@ -8,38 +8,50 @@ defaults: `scoreaction pretrain --task digits --out scoreaction/assets/digits`.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from scoreaction.cli.common import set_threads
+import torch
+
+from scoreaction.cli.common import add_run_switches
+from scoreaction.cli.options import add_config_args, add_options, assemble
+from scoreaction.config import Options, check_choice, check_nonnegative_int, check_positive_int, option
 from scoreaction.models.classifier import ClassifierTrainConfig
 from scoreaction.tasks import digits
 
 PRETRAINERS = {"digits": digits.pretrain}
 
 
+@dataclass
+class PretrainConfig(Options):
+    task: str = option("digits", help="the task whose model to train: " + ", ".join(PRETRAINERS))
+    steps: int = option(digits.PRETRAIN_STEPS, help="UNet training steps (the default is the shipped model's)")
+    seed: int = option(0, help="random seed (0: the shipped model)")
+    out: str = option("runs/pretrain-digits", help="checkpoint folder to write")
+    threads: int = option(1, help="torch threads (the weights are reproducible for a fixed seed AND thread count)")
+    classifier_epochs: int = option(ClassifierTrainConfig.epochs, help="classifier training epochs (the default is "
+                                                                       "the shipped classifier's)")
+    evaluate: bool = option(True, help="sample metrics at the end (--no-evaluate skips them)")
+
+    def __post_init__(self):
+        check_choice("task", self.task, PRETRAINERS)
+        for name in ("steps", "threads", "classifier_epochs"):
+            check_positive_int(name, getattr(self, name))
+        check_nonnegative_int("seed", self.seed)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    if args.task not in PRETRAINERS:
-        raise ValueError(f"pretrain: task must be one of {sorted(PRETRAINERS)}, found {args.task!r}")
-    set_threads(args)
+    cfg = PretrainConfig.from_dict(assemble(args), "for pretrain")
+    torch.set_num_threads(cfg.threads)
     log = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
-    if args.classifier_epochs < 1:
-        raise ValueError(f"classifier-epochs must be a positive integer, found {args.classifier_epochs}")
-    manifest = PRETRAINERS[args.task](args.out, steps=args.steps, seed=args.seed, evaluate=not args.no_eval, log=log,
-                                      classifier_config=ClassifierTrainConfig(epochs=args.classifier_epochs))
-    print(f"wrote {args.out} ({manifest['seconds']:.0f} s; use it with --set task.checkpoint={args.out})")
+    manifest = PRETRAINERS[cfg.task](cfg.out, steps=cfg.steps, seed=cfg.seed, evaluate=cfg.evaluate, log=log,
+                                     classifier_config=ClassifierTrainConfig(epochs=cfg.classifier_epochs))
+    print(f"wrote {cfg.out} ({manifest['seconds']:.0f} s; use it with --set task.checkpoint={cfg.out})")
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("pretrain", help="train a task's pretrained model (and its classifier) from its data")
-    p.add_argument("--task", default="digits", help=f"one of {sorted(PRETRAINERS)} (default digits)")
-    p.add_argument("--steps", type=int, default=digits.PRETRAIN_STEPS,
-                   help=f"UNet training steps (default {digits.PRETRAIN_STEPS}, the shipped model)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0, the shipped model)")
-    p.add_argument("--out", default="runs/pretrain-digits", help="checkpoint folder to write (default runs/pretrain-digits)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1; the weights are reproducible for a fixed seed AND thread count)")
-    p.add_argument("--classifier-epochs", type=int, default=ClassifierTrainConfig.epochs,
-                   help=f"classifier training epochs (default {ClassifierTrainConfig.epochs}, the shipped classifier)")
-    p.add_argument("--no-eval", action="store_true", help="skip the sample metrics at the end")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the final line")
+    add_options(p, PretrainConfig)
+    add_config_args(p)
+    add_run_switches(p, threads=False)
     p.set_defaults(run=cmd_pretrain)

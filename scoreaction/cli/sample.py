@@ -3,34 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from scoreaction.cli.common import add_config_args, build_config, fmt_vec, save_npz
-from scoreaction.config import Options, check_choice, check_nonnegative, check_positive_int, section
-from scoreaction.evaluation import reference_of
+from scoreaction.cli.common import add_run_switches, check_new_file, fmt_vec, save_npz, set_threads
+from scoreaction.cli.options import add_config_args, add_options, assemble, section
+from scoreaction.config import Options, check_choice, check_nonnegative, check_positive_int, option
+from scoreaction.io import image_grid, save_png
 from scoreaction.metrics import fit_gaussian, gaussian_kl, mean_and_se
 from scoreaction.samplers import GRIDS, SOLVERS, get_solver, make_grid
-from scoreaction.tasks import TASKS, make_task
+from scoreaction.tasks import TASKS, make_task, task_config
 
-POLICIES = ("pretrained", "optimal")
+POLICIES = ("pretrained", "optimal", "finetuned")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass
 class SampleConfig(Options):
-    solver: str = "em"
-    steps: int = 100
-    grid: str = "uniform"
-    eta: float | None = None  # None: the solver's default (em: 1, ddim/heun/dpm2: 0)
-    n: int = 10_000
-    seed: int = 0
-    policy: str = "pretrained"
-    dtype: str = "float64"
-    out: str = "samples.npz"
+    checkpoint: str | None = option(None, help="a fine-tuned run (or checkpoint folder) to sample; its task is used")
+    policy: str | None = option(None, help="pretrained, optimal (the exact optimum of Eq. E8) or finetuned "
+                                           "(default: finetuned with --checkpoint, else pretrained)")
+    solver: str = option("em", help="solver: " + ", ".join(SOLVERS))
+    steps: int = option(100, help="solver steps")
+    grid: str = option("uniform", help="time grid: " + ", ".join(GRIDS))
+    eta: float | None = option(None, help="stochasticity of Eq. E3 (default: the solver's own; em 1, others 0)")
+    n: int = option(10_000, help="number of samples")
+    seed: int = option(0, help="random seed")
+    dtype: str | None = option(None, help="float32 or float64 (default: the run's, float64 without a checkpoint)")
+    out: str = option("samples.npz", help="output .npz (image tasks also write a PNG grid beside it)")
 
     def __post_init__(self):
         get_solver(self.solver)
@@ -39,57 +44,85 @@ class SampleConfig(Options):
         check_positive_int("n", self.n)
         if self.eta is not None:
             check_nonnegative("eta", self.eta)
+        if self.policy is None:
+            self.policy = "finetuned" if self.checkpoint else "pretrained"
         check_choice("policy", self.policy, POLICIES)
-        check_choice("dtype", self.dtype, DTYPES)
-
-
-def task_from_config(config: dict):
-    options = section(config, "task")
-    name = options.pop("name", "gaussian")
-    return make_task(name, options)
+        if self.policy == "finetuned" and not self.checkpoint:
+            raise ValueError("policy 'finetuned' needs --checkpoint RUN")
+        if self.dtype is not None:
+            check_choice("dtype", self.dtype, DTYPES)
+        if not str(self.out).endswith(".npz"):
+            raise ValueError(f"out must be a .npz file name, found {self.out!r}")
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    for name, (_, config_cls, description) in TASKS.items():
-        print(f"{name:10s} {description}")
+    for name, entry in TASKS.items():
+        print(f"{name:10s} {entry.description}")
         if args.verbose:
-            defaults = {f.name: getattr(config_cls(), f.name) for f in fields(config_cls)}
-            print(f"{'':10s} defaults: {json.dumps(defaults)}")
+            print(f"{'':10s} defaults: {json.dumps(entry.config().to_dict())}")
     return 0
 
 
+def load_sampler(cfg: SampleConfig, task_options: dict):
+    """(task, score function, dtype, what it is) for the config: a checkpoint's fine-tuned policy, the pretrained
+    model, or the exact optimum."""
+    if cfg.checkpoint:
+        from scoreaction.train import Trainer
+
+        if task_options:
+            raise ValueError("--checkpoint samples the run's own task; leave out --task and task.* options")
+        trainer = Trainer.from_checkpoint(cfg.checkpoint, progress=False)
+        task, dtype = trainer.task, DTYPES[cfg.dtype] if cfg.dtype else trainer.dtype
+        trainer.policy.to(dtype)
+        what = f"{cfg.checkpoint} (step {trainer.step})"
+        score = trainer.policy.score if cfg.policy == "finetuned" else task.pretrained
+    else:
+        task, dtype, what = make_task(task_config(task_options)), DTYPES[cfg.dtype or "float64"], cfg.policy
+        score = task.pretrained
+    if cfg.policy == "optimal":
+        if not task.exact:
+            raise ValueError(f"policy 'optimal' needs a task with an exact optimum (gaussian, mixture), found {task.name!r}")
+        task.require_tilt()
+        score = task.optimal_score
+    return task, score, dtype, what
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    config = build_config(args, {"task.name": args.task, "sample.solver": args.solver, "sample.steps": args.steps,
-                                 "sample.grid": args.grid, "sample.eta": args.eta, "sample.n": args.n,
-                                 "sample.seed": args.seed, "sample.policy": args.policy, "sample.out": args.out})
-    task = task_from_config(config)
-    cfg = SampleConfig.from_dict(section(config, "sample"), "in section 'sample'")
+    set_threads(args)
+    config = assemble(args)
+    task_options = section(config, "task")
+    if args.task is not None:
+        task_options["name"] = args.task
+    cfg = SampleConfig.from_dict({k: v for k, v in config.items() if k != "task"}, "for sample")
+    check_new_file(cfg.out)
+    task, score, dtype, what = load_sampler(cfg, task_options)
     solver = get_solver(cfg.solver)
     eta = solver.default_eta if cfg.eta is None else float(cfg.eta)
-    if cfg.policy == "optimal":
-        if not hasattr(task, "optimal_score"):
-            raise ValueError(f"policy 'optimal' needs a task with an exact optimum, found {task.name!r}")
-        task.require_tilt()
-    score = task.optimal_score if cfg.policy == "optimal" else task.pretrained
 
     gen = torch.Generator().manual_seed(cfg.seed)
-    cond = task.sample_conditions(cfg.n, generator=gen) if hasattr(task, "sample_conditions") else None
-    x = task.prior_sample(cfg.n, generator=gen, dtype=DTYPES[cfg.dtype])
+    x, cond = task.start(cfg.n, generator=gen, dtype=dtype)
     ts = make_grid(cfg.grid, task.path, cfg.steps, generator=gen)
     with tqdm(total=cfg.steps, desc=f"{cfg.solver} x {cfg.steps}", disable=args.quiet, leave=False) as bar:
         with torch.no_grad():
             x_T = solver.sample(task.path, score, x, ts, cond=cond, eta=eta, generator=gen,
                                 callback=lambda _: bar.update())
-    rewards = task.reward(x_T, cond)
+        rewards = task.reward(x_T, cond)
     extra = {} if cond is None else {"conditions": cond.numpy()}
-    save_npz(cfg.out, samples=x_T.numpy(), rewards=rewards.numpy(), times=ts.numpy(), **extra,
-             config={**config, "sample": {**vars(cfg), "eta": eta}})
+    record = {"task": task.config.to_dict(), "sample": {**dataclasses.asdict(cfg), "eta": eta}}
+    save_npz(cfg.out, samples=x_T.float().numpy(), rewards=rewards.float().numpy(), times=ts.numpy(), **extra,
+             config=record)
+    written = [cfg.out]
+    if len(task.shape) == 3:  # images: a PNG grid, one row per class for class-conditional tasks
+        order = torch.argsort(cond, stable=True) if cond is not None else torch.arange(len(x_T))
+        png = str(Path(cfg.out).with_suffix(".png"))
+        save_png(png, image_grid(x_T[order][:100].float().numpy(), per_row=10), scale=4)
+        written.append(png)
 
     r_mean, r_se = mean_and_se(rewards)
-    print(f"task {task.name} {task.shape}  policy {cfg.policy}  solver {cfg.solver} (order {solver.order})  "
+    print(f"task {task.name} {task.shape}  policy {what}  solver {cfg.solver} (order {solver.order})  "
           f"steps {cfg.steps}  grid {cfg.grid}  eta {eta:g}  n {cfg.n}")
     print(f"mean reward     {r_mean:.4f} +- {r_se:.4f}")
-    ref = reference_of(task)
+    ref = task.reference() if task.exact and cfg.policy != "finetuned" else None
     if ref is not None:
         which = "star" if cfg.policy == "optimal" else "pre"
         print(f"exact E[r]      {ref['E_star_r' if which == 'star' else 'E_pre_r']:.4f}   "
@@ -98,13 +131,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(f"sample mean     {fmt_vec(mean)}")
         print(f"exact mean      {fmt_vec(ref[f'p_{which}_mean'])}")
         print(f"Gaussian-fit KL to p_{which}: {gaussian_kl(mean, cov, ref[f'p_{which}_mean'], ref[f'p_{which}_cov']):.5f}")
-    print(f"wrote {cfg.out}")
+    print(f"wrote {' and '.join(written)}")
     return 0
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    config = build_config(args, {"task.name": args.task})
-    ref = task_from_config(config).reference()
+    task_options = section(assemble(args), "task")
+    if args.task is not None:
+        task_options["name"] = args.task
+    task = make_task(task_config(task_options))
+    if not task.exact:
+        raise ValueError(f"task {task.name!r} has no exact reference (tasks with one: gaussian, mixture)")
+    task.require_tilt()
+    ref = task.reference()
     if args.json:
         print(json.dumps(ref, indent=2))
         return 0
@@ -123,20 +162,15 @@ def cmd_reference(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("tasks", help="list the built-in tasks")
     p.add_argument("-v", "--verbose", action="store_true", help="also print each task's default options")
+    add_config_args(p)
     p.set_defaults(run=cmd_tasks)
 
-    p = sub.add_parser("sample", help="sample a task's pretrained (or exact optimal) policy with any solver")
-    p.add_argument("--task", help=f"one of {sorted(TASKS)} (default gaussian)")
-    p.add_argument("--solver", help=f"one of {sorted(SOLVERS)} (default em)")
-    p.add_argument("--steps", type=int, help="number of solver steps (default 100)")
-    p.add_argument("--grid", help=f"time grid, one of {sorted(GRIDS)} (default uniform)")
-    p.add_argument("--eta", type=float, help="stochasticity of Eq. E3 (default: the solver's own)")
-    p.add_argument("--n", type=int, help="number of samples (default 10000)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--policy", help="pretrained (default) or optimal (the exact optimum of Eq. E8)")
-    p.add_argument("--out", help="output .npz (default samples.npz)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("sample", help="sample a fine-tuned run, a task's pretrained model or its exact optimum "
+                                      "with any solver", description="Task options go through --set task.KEY=VALUE.")
+    p.add_argument("--task", help=f"one of {sorted(TASKS)} (default gaussian; not with --checkpoint)")
+    add_options(p, SampleConfig)
     add_config_args(p)
+    add_run_switches(p)
     p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("reference", help="print a task's exact references: J*, E_pre[r], moments of p_pre and p*")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 
-from scoreaction.algorithms import ALGORITHMS
-from scoreaction.cli.common import add_config_args, add_threads_arg, build_config, set_threads
-from scoreaction.config import apply_overrides
+from scoreaction.cli.common import add_run_switches, print_table, set_threads
+from scoreaction.cli.options import add_config_args, add_options, assemble
+from scoreaction.config import Options, check_positive_int, option
 from scoreaction.evaluation import objective, solver_gain
-from scoreaction.samplers import SOLVERS
+from scoreaction.samplers import GRIDS, SOLVERS, get_solver
+from scoreaction.tasks import TASKS
 from scoreaction.train import TrainConfig, Trainer
 from scoreaction.train.loop import EVAL_SEED_OFFSET
 
@@ -19,63 +21,69 @@ SUMMARY_KEYS = ("step", "trajectories", "reward_mean", "path_kl", "J", "eval_rew
 
 def cmd_train(args: argparse.Namespace) -> int:
     set_threads(args)
-    flat = {"algorithm": args.algorithm, "updates": args.updates, "out": args.out, "seed": args.seed}
+    values = assemble(args)
+    if args.task is not None:
+        values.setdefault("task", {})["name"] = args.task
     if args.resume:
-        overrides = apply_overrides({k: v for k, v in flat.items() if v is not None}, args.overrides)
-        trainer = Trainer.from_checkpoint(args.resume, overrides, progress=not args.quiet)
+        trainer = Trainer.from_checkpoint(args.resume, values, progress=not args.quiet)
     else:
-        config = build_config(args, {"task.name": args.task})
-        config.update({k: v for k, v in flat.items() if v is not None})
-        config = apply_overrides(config, args.overrides)
-        trainer = Trainer(TrainConfig.from_dict(config, "for training"), progress=not args.quiet)
+        trainer = Trainer(TrainConfig.from_dict(values, "for training"), progress=not args.quiet)
     last = trainer.run()
     print(f"run folder {trainer.run_dir} (checkpoints/, metrics.jsonl, config.json)")
-    for key in SUMMARY_KEYS:
-        if key in last:
-            value = last[key]
-            print(f"{key:22s} {value:.5g}" if isinstance(value, float) else f"{key:22s} {value}")
+    print_table(last, SUMMARY_KEYS)
     return 0
+
+
+@dataclass
+class EvaluateConfig(Options):
+    checkpoint: str | None = option(None, help="a checkpoint folder or a run folder (required)")
+    solver: str = option("em", help="solver: " + ", ".join(SOLVERS))
+    steps: int = option(200, help="solver steps")
+    grid: str = option("uniform", help="time grid: " + ", ".join(GRIDS))
+    eta: float | None = option(None, help="stochasticity of Eq. E3 (default: the solver's own)")
+    n: int = option(4096, help="number of samples")
+    objective: bool = option(False, help="also J(theta) by 200-step Euler-Maruyama rollouts")
+
+    def __post_init__(self):
+        if self.checkpoint is None:
+            raise ValueError("--checkpoint is required (a checkpoint folder or a run folder)")
+        get_solver(self.solver)
+        check_positive_int("steps", self.steps)
+        check_positive_int("n", self.n)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     set_threads(args)
-    trainer = Trainer.from_checkpoint(args.checkpoint, progress=False)
+    cfg = EvaluateConfig.from_dict(assemble(args), "for evaluate")
+    trainer = Trainer.from_checkpoint(cfg.checkpoint, progress=False)
     policy, task = trainer.policy, trainer.task
     seed = trainer.config.seed + EVAL_SEED_OFFSET
-    result = {"checkpoint": args.checkpoint, "step": trainer.step,
-              **solver_gain(policy, task, args.solver, args.steps, n=args.n, seed=seed, grid=args.grid, eta=args.eta,
+    result = {"checkpoint": cfg.checkpoint, "step": trainer.step,
+              **solver_gain(policy, task, cfg.solver, cfg.steps, n=cfg.n, seed=seed, grid=cfg.grid, eta=cfg.eta,
                             dtype=trainer.dtype)}
-    if args.objective:
-        result.update({f"J_{k}": v for k, v in objective(policy, task, n=args.n, seed=seed, dtype=trainer.dtype).items()})
+    if cfg.objective:
+        result.update({f"J_{k}": v for k, v in objective(policy, task, n=cfg.n, seed=seed, dtype=trainer.dtype).items()})
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        for key, value in result.items():
-            print(f"{key:22s} {value:.5g}" if isinstance(value, float) else f"{key:22s} {value}")
+        print_table(result)
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a task's pretrained model with an RL algorithm")
-    p.add_argument("--task", help="task name (default gaussian); options via --set task.KEY=VALUE")
-    p.add_argument("--algorithm", help=f"one of {sorted(ALGORITHMS)} (default ctrl); options via --set algo.KEY=VALUE")
-    p.add_argument("--updates", type=int, help="number of policy updates")
-    p.add_argument("--seed", type=int, help="random seed")
-    p.add_argument("--out", help="run folder (default runs/train)")
+    p = sub.add_parser("train", help="fine-tune a task's pretrained model with an RL algorithm",
+                       description="Options of the run; the task's and the algorithm's own options go through "
+                                   "--set task.KEY=VALUE and --set algo.KEY=VALUE (or a --config file).")
+    p.add_argument("--task", help=f"task name, one of {sorted(TASKS)} (default gaussian): --set task.name=...")
     p.add_argument("--resume", metavar="DIR", help="continue a run from its latest checkpoint (or a checkpoint folder)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    add_threads_arg(p)
+    add_options(p, TrainConfig)
     add_config_args(p)
+    add_run_switches(p)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="reward gain of a checkpoint over the pretrained model under any solver")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint folder or a run folder")
-    p.add_argument("--solver", default="em", help=f"one of {sorted(SOLVERS)} (default em)")
-    p.add_argument("--steps", type=int, default=200, help="solver steps (default 200)")
-    p.add_argument("--grid", default="uniform", help="time grid (default uniform)")
-    p.add_argument("--eta", type=float, help="stochasticity (default: the solver's own)")
-    p.add_argument("--n", type=int, default=4096, help="number of samples (default 4096)")
-    p.add_argument("--objective", action="store_true", help="also J(theta) by 200-step Euler-Maruyama rollouts")
+    add_options(p, EvaluateConfig)
     p.add_argument("--json", action="store_true", help="print JSON")
-    add_threads_arg(p)
+    add_config_args(p)
+    add_run_switches(p, quiet=False)
     p.set_defaults(run=cmd_evaluate)

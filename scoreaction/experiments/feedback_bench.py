@@ -27,7 +27,7 @@ import os
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -38,11 +38,26 @@ from scoreaction.rewards.utilities import make_utility
 
 DOMAINS = ("points", "digits")
 STRATEGIES = ("random", "disagreement")
-FULL = {"budgets": (50, 100, 200, 400, 800, 1600), "seeds": 3, "ensemble": 5, "rounds_per_doubling": 2,
-        "pool": {"points": 2000, "digits": 1200}, "test_items": 1000, "test_pairs": 4000, "fit": {}}
-QUICK = {"budgets": (50, 100), "seeds": 1, "ensemble": 2, "rounds_per_doubling": 1,
-         "pool": {"points": 300, "digits": 400}, "test_items": 300, "test_pairs": 500,
-         "fit": {"min_steps": 40, "epochs": 5}}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The budgets of a benchmark run."""
+
+    budgets: tuple[int, ...]  # numbers of comparisons at which both strategies are scored
+    seeds: int
+    ensemble: int  # Bradley-Terry ensemble members
+    rounds_per_doubling: int  # refits of the disagreement strategy per doubling of the budget
+    pool: dict  # domain -> number of unlabelled items to ask about
+    test_items: int
+    test_pairs: int
+    fit: dict = field(default_factory=dict)  # FitConfig options beyond the ensemble size
+
+
+FULL = Plan(budgets=(50, 100, 200, 400, 800, 1600), seeds=3, ensemble=5, rounds_per_doubling=2,
+            pool={"points": 2000, "digits": 1200}, test_items=1000, test_pairs=4000)
+QUICK = Plan(budgets=(50, 100), seeds=1, ensemble=2, rounds_per_doubling=1, pool={"points": 300, "digits": 400},
+             test_items=300, test_pairs=500, fit={"min_steps": 40, "epochs": 5})
 LABELER = {"temperature": 0.5, "error_rate": 0.05, "tie_margin": 0.0}
 
 
@@ -115,8 +130,41 @@ def rank_correlation(r: torch.Tensor, u: torch.Tensor, cond: torch.Tensor | None
     return acc / total
 
 
+@dataclass
+class Metrics:
+    """The test metrics of one fitted model (see the module docstring)."""
+
+    accuracy: float
+    ceiling: float
+    agreement: float
+    log_likelihood: float
+    ceiling_log_likelihood: float
+    ece: float
+    rank: float
+
+
+@dataclass
+class BudgetResult(Metrics):
+    """The metrics of the model fitted on the first n comparisons, and the seconds to fit and test it."""
+
+    n: int = 0
+    fit_seconds: float = 0.0
+
+
+@dataclass
+class SeedRun:
+    """Both strategies on one (domain, seed): one BudgetResult per budget each."""
+
+    domain: str
+    seed: int
+    random: list[BudgetResult]
+    disagreement: list[BudgetResult]
+    seconds: float
+    cpu_seconds: float
+
+
 @torch.no_grad()
-def test_metrics(model, setting: Setting) -> dict:
+def test_metrics(model, setting: Setting) -> Metrics:
     """The metrics of the module docstring for one fitted model."""
     lab, i, j = setting.labeler, setting.test_pairs[:, 0], setting.test_pairs[:, 1]
     left, right = setting.test[i], setting.test[j]
@@ -129,10 +177,15 @@ def test_metrics(model, setting: Setting) -> dict:
     ll_best = p * torch.log(p.clamp_min(eps)) + (1 - p) * torch.log((1 - p).clamp_min(eps))
     r = model(setting.test, setting.test_cond)
     u = lab.utility(setting.test.double(), setting.test_cond)
-    return {"accuracy": lab.expected_accuracy(left, right, q, cond), "ceiling": lab.ceiling_accuracy(left, right, cond),
-            "agreement": float(((q > 0.5) == (du > 0))[~tie].double().mean()),
-            "log_likelihood": float(ll.mean()), "ceiling_log_likelihood": float(ll_best.mean()),
-            "ece": calibration(q, p)[0], "rank": rank_correlation(r.double(), u, setting.test_cond)}
+    return Metrics(accuracy=lab.expected_accuracy(left, right, q, cond), ceiling=lab.ceiling_accuracy(left, right, cond),
+                   agreement=float(((q > 0.5) == (du > 0))[~tie].double().mean()),
+                   log_likelihood=float(ll.mean()), ceiling_log_likelihood=float(ll_best.mean()),
+                   ece=calibration(q, p)[0], rank=rank_correlation(r.double(), u, setting.test_cond))
+
+
+def budget_result(model, setting: Setting, n: int, t0: float) -> BudgetResult:
+    """The test metrics of `model`, fitted on n comparisons from time t0 (perf_counter) on."""
+    return BudgetResult(**asdict(test_metrics(model, setting)), n=n, fit_seconds=time.perf_counter() - t0)
 
 
 def label_pairs(setting: Setting, pairs: list[tuple[int, int]]) -> Comparisons:
@@ -150,72 +203,70 @@ def schedule(budgets: tuple[int, ...], rounds_per_doubling: int) -> list[int]:
     return sorted(sizes)
 
 
-def run_one(domain: str, seed: int, plan: dict, log=None) -> dict:
-    """Both strategies on one (domain, seed): {strategy: [metrics per budget]} plus timings."""
+def run_one(domain: str, seed: int, plan: Plan, log=None) -> SeedRun:
+    """Both strategies on one (domain, seed)."""
     torch.set_num_threads(1)
-    setting = make_setting(domain, seed, plan["pool"][domain], plan["test_items"], plan["test_pairs"])
-    budgets = tuple(plan["budgets"])
-    fit = FitConfig(ensemble=plan["ensemble"], val_fraction=0.0, seed=seed, **plan["fit"])
+    setting = make_setting(domain, seed, plan.pool[domain], plan.test_items, plan.test_pairs)
+    budgets = tuple(plan.budgets)
+    fit = FitConfig(ensemble=plan.ensemble, val_fraction=0.0, seed=seed, **plan.fit)
     gen = torch.Generator().manual_seed(3000 + seed)
     order = select_pairs(len(setting.pool), budgets[-1], cond=setting.pool_cond, generator=gen)
     labels = label_pairs(setting, order)  # the random strategy's nested pair sets, labelled once
-    out, t_start, cpu_start = {"domain": domain, "seed": seed}, time.perf_counter(), time.process_time()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
 
-    rows = []
+    random_rows = []
     for n in budgets:
         t0 = time.perf_counter()
         model = fit_reward_model(labels.subset(torch.arange(n)), fit).model
-        rows.append({"n": n, **test_metrics(model, setting), "fit_seconds": time.perf_counter() - t0})
+        random_rows.append(budget_result(model, setting, n, t0))
         if log:
-            log(f"{domain} seed {seed} random n={n}: accuracy {rows[-1]['accuracy']:.3f} "
-                f"(ceiling {rows[-1]['ceiling']:.3f})")
-    out["random"] = rows
+            log(f"{domain} seed {seed} random n={n}: accuracy {random_rows[-1].accuracy:.3f} "
+                f"(ceiling {random_rows[-1].ceiling:.3f})")
 
     rows, pairs, data = [], list(order[:budgets[0]]), labels.subset(torch.arange(budgets[0]))
-    sizes = schedule(budgets, plan["rounds_per_doubling"])
+    sizes = schedule(budgets, plan.rounds_per_doubling)
     for k, n in enumerate(sizes):
         t0 = time.perf_counter()
         model = fit_reward_model(data, fit).model
         if n in budgets:
-            rows.append({"n": n, **test_metrics(model, setting), "fit_seconds": time.perf_counter() - t0})
+            rows.append(budget_result(model, setting, n, t0))
             if log:
-                log(f"{domain} seed {seed} disagreement n={n}: accuracy {rows[-1]['accuracy']:.3f}")
+                log(f"{domain} seed {seed} disagreement n={n}: accuracy {rows[-1].accuracy:.3f}")
         if k + 1 < len(sizes):
             new = select_pairs(len(setting.pool), sizes[k + 1] - n, strategy="disagreement", items=setting.pool,
                                cond=setting.pool_cond, model=model, generator=gen, exclude=pairs)
             pairs += new
             data = Comparisons.cat([data, label_pairs(setting, new)])
-    out["disagreement"] = rows
-    out["seconds"] = time.perf_counter() - t_start
-    out["cpu_seconds"] = time.process_time() - cpu_start
-    return out
+    return SeedRun(domain, seed, random_rows, rows, seconds=time.perf_counter() - t_start,
+                   cpu_seconds=time.process_time() - cpu_start)
 
 
-def summarise(runs: list[dict], budgets) -> dict:
-    """mean and std over seeds of every metric, per domain, strategy and budget."""
+def summarise(runs: list[SeedRun], budgets) -> dict:
+    """mean and std over seeds of every metric, per domain, strategy and budget (JSON-able)."""
+    keys = [f.name for f in fields(BudgetResult) if f.name != "n"]
     summary = {}
     for domain in DOMAINS:
-        mine = [r for r in runs if r["domain"] == domain]
+        mine = [r for r in runs if r.domain == domain]
         if not mine:
             continue
         summary[domain] = {}
         for strategy in STRATEGIES:
             table = []
             for b, n in enumerate(budgets):
-                vals = [r[strategy][b] for r in mine]
+                vals = [getattr(r, strategy)[b] for r in mine]
                 row = {"n": n, "seeds": len(vals)}
-                for key in vals[0]:
-                    if key != "n":
-                        v = torch.tensor([x[key] for x in vals], dtype=torch.float64)
-                        row[key] = float(v.mean())
-                        row[key + "_std"] = float(v.std()) if len(v) > 1 else 0.0
+                for key in keys:
+                    v = torch.tensor([getattr(x, key) for x in vals], dtype=torch.float64)
+                    row[key] = float(v.mean())
+                    row[key + "_std"] = float(v.std()) if len(v) > 1 else 0.0
                 table.append(row)
             summary[domain][strategy] = table
         gains = []  # paired over seeds: same pool, test pairs and first pairs for both strategies
         for b, n in enumerate(budgets):
             row = {"n": n}
             for key in ("accuracy", "rank"):
-                d = torch.tensor([r["disagreement"][b][key] - r["random"][b][key] for r in mine], dtype=torch.float64)
+                d = torch.tensor([getattr(r.disagreement[b], key) - getattr(r.random[b], key) for r in mine],
+                                 dtype=torch.float64)
                 row[key] = float(d.mean())
                 row[key + "_std"] = float(d.std()) if len(d) > 1 else 0.0
             gains.append(row)
@@ -241,14 +292,14 @@ def labels_to_reach(table: list[dict], target: float) -> float | None:
 
 def run_benchmark(quick: bool = False, seeds: int | None = None, workers: int = 2, log=print) -> dict:
     """Run every (domain, seed) job, `workers` processes at a time; returns the JSON-able results."""
-    plan = dict(QUICK if quick else FULL)
+    plan = QUICK if quick else FULL
     if seeds is not None:
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise ValueError(f"seeds must be a positive integer, found {seeds!r}")
-        plan["seeds"] = seeds
+        plan = replace(plan, seeds=seeds)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, found {workers!r}")
-    jobs = [(d, s) for s in range(plan["seeds"]) for d in DOMAINS]
+    jobs = [(d, s) for s in range(plan.seeds) for d in DOMAINS]
     t0 = time.perf_counter()
     if workers == 1:
         runs = [run_one(d, s, plan, log) for d, s in jobs]
@@ -262,14 +313,15 @@ def run_benchmark(quick: bool = False, seeds: int | None = None, workers: int = 
                 runs.append(f.result())
                 if log:
                     last = runs[-1]
-                    log(f"{d} seed {s} done in {last['seconds']:.0f}s: accuracy at n={plan['budgets'][-1]} "
-                        f"random {last['random'][-1]['accuracy']:.3f}, disagreement "
-                        f"{last['disagreement'][-1]['accuracy']:.3f}, ceiling {last['random'][-1]['ceiling']:.3f}")
+                    log(f"{d} seed {s} done in {last.seconds:.0f}s: accuracy at n={plan.budgets[-1]} "
+                        f"random {last.random[-1].accuracy:.3f}, disagreement "
+                        f"{last.disagreement[-1].accuracy:.3f}, ceiling {last.random[-1].ceiling:.3f}")
     wall = time.perf_counter() - t0
-    return {"quick": quick, "plan": {**plan, "budgets": list(plan["budgets"])}, "labeler": LABELER,
-            "wall_seconds": wall, "cpu_seconds": sum(r["cpu_seconds"] for r in runs), "workers": workers,
+    return {"quick": quick, "plan": {**asdict(plan), "budgets": list(plan.budgets)}, "labeler": LABELER,
+            "wall_seconds": wall, "cpu_seconds": sum(r.cpu_seconds for r in runs), "workers": workers,
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "summary": summarise(runs, plan["budgets"]), "runs": runs}
+            "python": platform.python_version(), "summary": summarise(runs, plan.budgets),
+            "runs": [asdict(r) for r in runs]}
 
 
 def plot(results: dict, path: str | os.PathLike) -> None:
@@ -344,5 +396,19 @@ def write(results: dict, out: str | os.PathLike) -> dict:
     return {"json": stem + ".json", "png": stem + ".png"}
 
 
-__all__ = ["digit_images", "make_setting", "run_one", "run_benchmark", "write", "plot", "markdown_table",
-           "spearman", "rank_correlation", "schedule"]
+__all__ = [
+    "BudgetResult",
+    "Metrics",
+    "Plan",
+    "SeedRun",
+    "digit_images",
+    "make_setting",
+    "markdown_table",
+    "plot",
+    "rank_correlation",
+    "run_benchmark",
+    "run_one",
+    "schedule",
+    "spearman",
+    "write",
+]

@@ -1,7 +1,7 @@
 """What every task provides, and the exact machinery shared by the Gaussian and mixture tasks.
 
 A task bundles data (through its pretrained score), a reward with the RewardModel signature, the
-KL weight beta_KL and the stochasticity eta of the control problem (Eq. E5), and, where it can,
+KL weight beta_KL and the stochasticity eta of the control problem (Eqs. E3, E5), and, where it can,
 exact references: the optimal action (Eq. E8), samples of p* and p_pre, J* and E_pre[r].
 """
 
@@ -11,18 +11,23 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from scoreaction.config import Options, check_nonnegative
+from scoreaction.models import ScoreModel
 from scoreaction.models.analytic import MixtureScore
+from scoreaction.models.residual import MLP, point_action
 from scoreaction.paths import GaussianPath, make_path
-from scoreaction.rewards import QuadraticReward
+from scoreaction.rewards import QuadraticReward, RewardModel
 from scoreaction.tasks import tilt
 
 
 @dataclass
 class TaskConfig(Options):
-    """Fields shared by every task; subclasses add theirs. Validated on construction."""
+    """Fields shared by every task; subclasses set `name` to the task's name and add theirs. Validated on
+    construction."""
 
+    name: str = ""
     beta_kl: float = 1.0
     eta: float = 1.0
     path: str = "vp"
@@ -34,13 +39,34 @@ class TaskConfig(Options):
 
 
 class Task:
-    """Base class: `name`, `shape` (of one sample), `path`, `pretrained`, `reward`, `beta_kl`, `eta`."""
+    """Everything a trainer, evaluator or benchmark may ask of a task; subclasses set the attributes and
+    override what differs from the defaults. A new task is one file: a `TaskConfig` subclass, a `Task`
+    subclass, and `register_task` (tasks/__init__.py).
+
+    Attributes: `name`; `config` (its TaskConfig); `shape` of one sample; `path` (the Gaussian path of the
+    pretrained model); `pretrained` (score model, diffusion time s); `reward` (RewardModel: (x, cond) -> (B,));
+    `beta_kl` and `eta` of the control problem (Eqs. E3, E5); `num_classes` (class-conditional tasks draw
+    labels 0..num_classes-1; 0: unconditional); `eval_n`, `eval_steps` (the trainer's evaluation defaults);
+    `exact` (True where `optimal_score`, `sample_optimal` and `reference` are exact).
+    """
 
     name: str
+    config: TaskConfig
     shape: tuple[int, ...]
     path: GaussianPath
+    pretrained: ScoreModel
+    reward: RewardModel
     beta_kl: float
     eta: float
+    num_classes: int = 0
+    eval_n: int = 4096
+    eval_steps: int = 200
+    exact: bool = False
+
+    # --- the start of a rollout -------------------------------------------------------------------
+    def sample_conditions(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """n conditions (e.g. class labels), or None for an unconditional task."""
+        return None
 
     def prior_sample(self, n: int, *, generator: torch.Generator | None = None,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -49,14 +75,56 @@ class Task:
             raise ValueError(f"number of samples must be a positive integer, found {n!r}")
         return self.path.prior_sample((n, *self.shape), generator=generator, dtype=dtype)
 
-    def reference(self) -> dict:
-        raise NotImplementedError(f"task {self.name!r} has no exact reference")
+    def start(self, n: int, *, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32,
+              group: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(X_0, cond) for n rollouts: the conditions first (one per group of `group` consecutive samples, as
+        GRPO's groups need), then the prior sample, both from `generator` in that order."""
+        cond = self.sample_conditions(n // group, generator=generator)
+        if cond is not None and group > 1:
+            cond = cond.repeat_interleave(group)
+        return self.prior_sample(n, generator=generator, dtype=dtype), cond
+
+    # --- what fine-tuning trains ------------------------------------------------------------------
+    def make_action(self, hidden: int = 128) -> nn.Module:
+        """The trainable action mu_theta(s, x, c) (Eq. E3), starting exactly at the pretrained score. Default:
+        the pretrained score plus a zero-initialised MLP on the flattened sample."""
+        return point_action(self.pretrained, self.dim, hidden=hidden, num_classes=self.num_classes, T=self.path.T)
+
+    def make_value_head(self, hidden: int = 128) -> nn.Module:
+        """h_phi(s, x, c) -> (B, 1), the learned part of the value net of Eq. E15. Default: an MLP."""
+        return MLP(self.dim, 1, hidden=hidden, num_classes=self.num_classes, T=self.path.T)
+
+    @property
+    def dim(self) -> int:
+        """Number of values in one sample."""
+        return int(torch.Size(self.shape).numel())
+
+    # --- exact references -------------------------------------------------------------------------
+    def compute_reference(self, n: int | None = None) -> dict | None:
+        """J*, E_pre[r] and what else is known exactly (see `reference`); n is the Monte-Carlo size where
+        the reference needs one (closed forms ignore it). None: the task has no exact reference."""
+        return None
+
+    def reference(self) -> dict | None:
+        """The exact reference, computed once per task object; None where there is none or beta_kl = 0."""
+        if "_reference" not in self.__dict__:
+            self._reference = self.compute_reference() if self.beta_kl > 0 else None
+        return self._reference
+
+    def use_reference(self, reference: dict | None) -> None:
+        """Adopt a reference computed elsewhere (e.g. by another process on an identical task)."""
+        self._reference = reference
+
+    def optimal_score(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The optimal action a* of Eq. E8 as a score (diffusion time s); exact tasks only."""
+        raise ValueError(f"task {self.name!r} has no exact optimal control (tasks with one: the exact ones)")
 
 
 class QuadraticTiltTask(Task):
     """Mixture data + quadratic reward: everything in Eq. E8 is exact (see tilt.py)."""
 
     pretrained: MixtureScore
+    exact = True
 
     def __init__(self, config: TaskConfig, weights, means, covs, reward_matrix, target):
         self.config = config

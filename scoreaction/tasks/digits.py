@@ -310,6 +310,7 @@ class DigitsConfig(TaskConfig):
     """Options of the digits task. `checkpoint` / `classifier`: folders (None: the shipped model); `path`
     must name the checkpoint's path (its options come from the checkpoint)."""
 
+    name: str = TASK_NAME
     checkpoint: str | None = None
     classifier: str | None = None  # the reward's and the metrics' classifier; None: the shipped one
     guidance: float = 0.0  # classifier-free guidance weight w of the pretrained model (and of the action)
@@ -362,7 +363,7 @@ class DigitsTask(Task):
             raise ValueError(f"number of conditions must be a positive integer, found {n!r}")
         return self.classes[torch.randint(len(self.classes), (n,), generator=generator)]
 
-    def make_action(self, config=None) -> nn.Module:
+    def make_action(self, hidden: int = 128) -> nn.Module:
         """mu_theta(s, x, c), starting exactly at the pretrained score (Eq. E3): a trainable copy of the
         guided UNet (`action: full`) or the frozen one plus a zero-initialised conv net on eps (`residual`)."""
         if self.config.action == "residual":

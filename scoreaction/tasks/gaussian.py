@@ -51,6 +51,7 @@ def default_cov(dim: int) -> torch.Tensor:
 
 @dataclass
 class GaussianConfig(TaskConfig):
+    name: str = "gaussian"
     dim: int = 2
     mean: float | list = 0.0
     cov: float | list | None = None  # None: default_cov(dim)
@@ -75,8 +76,8 @@ class GaussianTask(QuadraticTiltTask):
         check_psd(A, "reward_matrix")
         super().__init__(config, [1.0], mean[None], cov[None], A, as_vector(config.target, d, "target"))
 
-    def reference(self) -> dict:
-        """Closed forms of Eq. E21: J*, E_pre[r], p_pre, p* and E*[r], KL(P* || P^pre)."""
+    def compute_reference(self, n: int | None = None) -> dict:
+        """Closed forms of Eq. E21 (n is not needed): J*, E_pre[r], p_pre, p* and E*[r], KL(P* || P^pre)."""
         self.require_tilt()
         m, S = self.pretrained.means[0], self.pretrained.covs[0]
         A, y, beta = self.reward.A, self.reward.y, self.beta_kl

@@ -13,9 +13,12 @@ import torch
 from scoreaction.tasks.base import QuadraticTiltTask, TaskConfig
 from scoreaction.tasks.gaussian import as_matrix, as_vector, check_psd
 
+REFERENCE_N = 200_000
+
 
 @dataclass
 class MixtureConfig(TaskConfig):
+    name: str = "mixture"
     weights: list = field(default_factory=lambda: [0.4, 0.4, 0.2])
     means: list = field(default_factory=lambda: [[-1.5, 0.0], [1.5, 0.0], [0.0, 1.5]])
     covs: list | float = field(default_factory=lambda: [0.15, 0.15, [[0.1, 0.05], [0.05, 0.1]]])
@@ -41,9 +44,11 @@ class MixtureTask(QuadraticTiltTask):
         check_psd(A, "reward_matrix")
         super().__init__(config, weights, means, covs, A, as_vector(config.target, d, "target"))
 
-    def reference(self, n: int = 200_000, seed: int = 0) -> dict:
-        """J* (Monte Carlo, exact integrand), E_pre[r] and the moments of p_pre and p* from exact samples."""
+    def compute_reference(self, n: int | None = None, seed: int = 0) -> dict:
+        """J* (Monte Carlo, exact integrand), E_pre[r] and the moments of p_pre and p* from n exact samples
+        (default 200,000)."""
         self.require_tilt()
+        n = REFERENCE_N if n is None else n
         gen = torch.Generator().manual_seed(seed)
         j_star, j_se = self.j_star_mc(n, seed)
         pre, star = self.sample_pre(n, generator=gen), self.sample_optimal(n, generator=gen)

@@ -1,23 +1,36 @@
-"""The trainer's configuration: one dataclass, validated on construction.
+"""The trainer's configuration: one typed dataclass, validated on construction.
 
 YAML layout (every key optional; defaults < file < flags < --set):
 
-    task: {name: gaussian, dim: 2, beta_kl: 1.0}     # the task and its options
+    task: {name: gaussian, dim: 2, beta_kl: 1.0}     # the task and its options (its TaskConfig)
     algorithm: ctrl                                  # ctrl, ctpg, ddpo, dpok, grpo, draft
-    algo: {lr: 1e-3, epochs: 4}                      # that algorithm's options (its Config dataclass)
+    algo: {lr: 1e-3, epochs: 4}                      # that algorithm's options (its AlgorithmConfig)
     steps: 20                                        # K, steps of the rollout grid
     grid: uniform                                    # or random (a fresh grid per batch), quadratic, edm
     batch_size: 256
     updates: 100
+
+`task` and `algo` may be given as mappings; construction turns them into the task's and the
+algorithm's own config dataclasses, so every option is checked before anything runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import dataclasses
+from dataclasses import dataclass
 
-from scoreaction.algorithms import algorithm_class
-from scoreaction.config import Options, check_choice, check_nonnegative, check_nonnegative_int, check_positive_int
+from scoreaction.algorithms import AlgorithmConfig, algorithm_class
+from scoreaction.config import (
+    Options,
+    check_choice,
+    check_nonnegative,
+    check_nonnegative_int,
+    check_positive_int,
+    option,
+)
 from scoreaction.samplers import GRIDS
+from scoreaction.tasks import TaskConfig, task_config
 
 DTYPES = ("float32", "float64")
 LR_SCHEDULES = ("constant", "linear")
@@ -25,33 +38,38 @@ LR_SCHEDULES = ("constant", "linear")
 
 @dataclass
 class TrainConfig(Options):
-    task: dict = field(default_factory=lambda: {"name": "gaussian"})
-    algorithm: str = "ctrl"
-    algo: dict = field(default_factory=dict)
-    steps: int = 20
-    grid: str = "uniform"
-    batch_size: int = 256
-    updates: int = 100
-    seed: int = 0
-    dtype: str = "float32"
-    hidden: int = 128
-    action_noise: float = 0.0  # sigma_a for eta = 0 rollouts
-    # the policy's learning rate: constant, or linear from algo.lr at update 1 to 0 after update `updates`
-    # (at a constant rate the policy keeps fluctuating around the optimum: docs/benchmarks/finetune.md)
-    lr_schedule: str = "constant"
-    eval_every: int = 20  # 0: only at the end
-    eval_n: int | None = None  # None: the task's `eval_n` (4096 where it has none)
-    eval_steps: int | None = None  # None: the task's `eval_steps` (200 where it has none)
-    checkpoint_every: int = 0  # 0: only at the end
-    max_skipped: int = 5  # consecutive batches with a non-finite reward before the run stops
-    out: str = "runs/train"
+    task: TaskConfig | dict = option(factory=lambda: {"name": "gaussian"}, flag=False,
+                                     help="the task and its options, e.g. {name: gaussian, dim: 16}")
+    algorithm: str = option("ctrl", help="fine-tuning algorithm: ctrl, ctpg, ddpo, dpok, grpo or draft")
+    algo: AlgorithmConfig | dict = option(factory=dict, flag=False, help="the algorithm's options, e.g. {lr: 1e-3}")
+    steps: int = option(20, help="K, steps of the rollout grid")
+    grid: str = option("uniform", help="RL-time grid of the rollouts: " + ", ".join(GRIDS))
+    batch_size: int = option(256, help="rollouts per update")
+    updates: int = option(100, help="policy updates in the whole run")
+    seed: int = option(0, help="random seed of the run")
+    dtype: str = option("float32", help="float32 or float64")
+    hidden: int = option(128, help="width of the default residual action and value MLPs")
+    action_noise: float = option(0.0, help="sigma_a, explicit action noise of eta = 0 rollouts")
+    lr_schedule: str = option("constant", help="the policy's learning rate: constant, or linear from algo.lr to 0 "
+                                                "over the run (docs/benchmarks/finetune.md)")
+    eval_every: int = option(20, help="evaluate J(theta) every N updates (0: only at the end)")
+    eval_n: int | None = option(None, help="evaluation samples (default: the task's)")
+    eval_steps: int | None = option(None, help="evaluation grid steps (default: the task's)")
+    checkpoint_every: int = option(0, help="write a checkpoint every N updates (0: only at the end)")
+    max_skipped: int = option(5, help="consecutive batches with a non-finite reward before the run stops")
+    out: str = option("runs/train", help="run folder")
 
     def __post_init__(self):
-        if not isinstance(self.task, dict) or "name" not in self.task:
-            raise ValueError(f"task must be a mapping with a 'name', found {self.task!r}")
-        algorithm_class(self.algorithm)
-        if not isinstance(self.algo, dict):
-            raise ValueError(f"algo must be a mapping of options, found {self.algo!r}")
+        if isinstance(self.task, dict):
+            self.task = task_config(self.task)
+        elif not isinstance(self.task, TaskConfig):
+            raise ValueError(f"task must be a mapping of options with a 'name', found {self.task!r}")
+        cls = algorithm_class(self.algorithm)
+        if isinstance(self.algo, dict):
+            self.algo = cls.Config.from_dict(self.algo, f"for algorithm {self.algorithm!r}")
+        elif type(self.algo) is not cls.Config:
+            raise ValueError(f"algo must be {self.algorithm}'s options ({cls.Config.__name__}), "
+                             f"found {type(self.algo).__name__}")
         for name in ("steps", "batch_size", "updates", "hidden", "max_skipped"):
             check_positive_int(name, getattr(self, name))
         for name in ("eval_n", "eval_steps"):
@@ -63,3 +81,12 @@ class TrainConfig(Options):
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_nonnegative("action_noise", self.action_noise)
+        group = self.algo.samples_per_condition
+        if self.batch_size % group:
+            raise ValueError(f"batch_size must be a multiple of {self.algorithm}'s group_size={group}, "
+                             f"found {self.batch_size}")
+
+    def to_dict(self) -> dict:
+        """The nested-mapping form (what config.json and checkpoints hold; `from_dict` reads it back)."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {**out, "task": self.task.to_dict(), "algo": self.algo.to_dict()}

@@ -20,9 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from scoreaction.algorithms import Batch, make_algorithm
+from scoreaction.config import merge
+from scoreaction.errors import ScoreactionError
 from scoreaction.evaluation import objective
 from scoreaction.io import atomic_write_bytes, load_matching
-from scoreaction.models.residual import point_action
 from scoreaction.policy import ScoreAsAction
 from scoreaction.samplers import make_grid
 from scoreaction.tasks import make_task
@@ -31,21 +32,16 @@ from scoreaction.train.config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 EVAL_SEED_OFFSET = 1_000_003
-EVAL_N, EVAL_STEPS = 4096, 200  # evaluation defaults for tasks that set none (`task.eval_n`, `task.eval_steps`)
 
 
-class NonFiniteReward(RuntimeError):
-    pass
+class NonFiniteReward(ScoreactionError):
+    """`max_skipped` batches in a row had a non-finite reward: the run stops (the weights never saw one)."""
 
 
 def build_policy(task, config: TrainConfig) -> ScoreAsAction:
-    """The trainable policy of a task: its own `make_action` (images), else pretrained + residual MLP."""
-    if hasattr(task, "make_action"):
-        action = task.make_action(config)
-    else:
-        action = point_action(task.pretrained, int(torch.Size(task.shape).numel()), hidden=config.hidden,
-                              num_classes=getattr(task, "num_classes", 0), T=task.path.T)
-    return ScoreAsAction(task.path, task.pretrained, action, eta=task.eta, action_noise=config.action_noise)
+    """The trainable policy of a task: its action (Task.make_action) under the task's path and eta."""
+    return ScoreAsAction(task.path, task.pretrained, task.make_action(config.hidden), eta=task.eta,
+                         action_noise=config.action_noise)
 
 
 def check_reward(r, n: int, update: int) -> torch.Tensor:
@@ -65,16 +61,11 @@ class Trainer:
         self.dtype = DTYPES[config.dtype]
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
-        task_options = dict(config.task)
-        self.task = make_task(task_options.pop("name"), task_options)
-        self.eval_n = config.eval_n or getattr(self.task, "eval_n", EVAL_N)
-        self.eval_steps = config.eval_steps or getattr(self.task, "eval_steps", EVAL_STEPS)
+        self.task = make_task(config.task)
+        self.eval_n = config.eval_n or self.task.eval_n
+        self.eval_steps = config.eval_steps or self.task.eval_steps
         self.policy = build_policy(self.task, config).to(self.dtype)
         self.algorithm = make_algorithm(config.algorithm, self.policy, self.task, config.algo)
-        group = getattr(self.algorithm, "group_size", 1)
-        if config.batch_size % group:
-            raise ValueError(f"batch_size must be a multiple of {config.algorithm}'s group_size={group}, "
-                             f"found {config.batch_size}")
         for module in self.algorithm.modules().values():
             module.to(self.dtype)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -85,17 +76,11 @@ class Trainer:
             self.load(resume)
 
     # --- one update ---------------------------------------------------------------------------
-    def conditions(self, n: int) -> torch.Tensor | None:
-        if not hasattr(self.task, "sample_conditions"):
-            return None
-        group = getattr(self.algorithm, "group_size", 1)
-        return self.task.sample_conditions(n // group, generator=self.generator).repeat_interleave(group)
-
     def collect(self) -> Batch:
         cfg = self.config
         ts = make_grid(cfg.grid, self.task.path, cfg.steps, generator=self.generator)
-        cond = self.conditions(cfg.batch_size)
-        x0 = self.task.prior_sample(cfg.batch_size, generator=self.generator, dtype=self.dtype)
+        x0, cond = self.task.start(cfg.batch_size, generator=self.generator, dtype=self.dtype,
+                                   group=cfg.algo.samples_per_condition)
         traj = self.policy.rollout(x0, ts, cond, generator=self.generator)
         with torch.no_grad():
             r = check_reward(self.task.reward(traj.x_final, cond), cfg.batch_size, self.step + 1)
@@ -207,7 +192,7 @@ class Trainer:
         """Rebuild a run from a checkpoint (or a run folder): config, task, policy, optimisers, RNG."""
         folder = checkpoint.resolve(path)
         _, _, state = checkpoint.load(folder)
-        config = TrainConfig.from_dict({**state["config"], **(overrides or {})}, "for training")
+        config = TrainConfig.from_dict(merge(state["config"], overrides or {}), "for training")
         return cls(config, resume=str(folder), **kw)
 
     # --- the loop -----------------------------------------------------------------------------

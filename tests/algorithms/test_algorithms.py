@@ -146,7 +146,7 @@ def test_short_ddpo_run_raises_the_reward(tmp_path):
     ("ctrl", {"advantage": "gae"}, "advantage must be one of"),
     ("ddpo", {"epochs": 0}, "epochs must be a positive integer, found 0"),
     ("grpo", {"group_size": -4}, "group_size must be a positive integer"),
-    ("dpok", {"kl_weight": -1}, "kl_weight must be a number >= 0"),
+    ("dpok", {"kl_weight": 0.1}, "unknown option 'kl_weight' for algorithm 'dpok'"),  # beta_kl is the task's
     ("ctrl", {"learning_rate": 1}, "unknown option 'learning_rate' for algorithm 'ctrl'"),
     ("ppo", {}, "algorithm must be one of"),
 ])

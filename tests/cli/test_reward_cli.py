@@ -116,9 +116,16 @@ def test_user_errors_are_one_line(comparisons_file, tmp_path, capsys):
     code, _, err = run(capsys, "reward", "evaluate", "--model", tmp_path / "rm", "--comparisons", images)
     one_line_error(code, err, "shape (1, 8, 8)", "expects (2,)")
 
-    with pytest.raises(SystemExit) as exc:  # argparse: neither --store nor --comparisons
-        main(["reward", "fit", "--out", str(tmp_path / "x")])
-    assert exc.value.code == 2
+    code, _, err = run(capsys, "reward", "fit", "--out", tmp_path / "x")
+    one_line_error(code, err, "--store DB or --comparisons FILE is required")
+    code, _, err = run(capsys, "reward", "fit", "--store", tmp_path / "a.db", "--comparisons", comparisons_file,
+                       "--out", tmp_path / "x")
+    one_line_error(code, err, "not both")
+    code, _, err = run(capsys, "reward", "fit", "--comparisons", comparisons_file)
+    one_line_error(code, err, "--out is required")
+    code, _, err = run(capsys, "reward", "simulate", "--out", tmp_path / "s.safetensors")
+    one_line_error(code, err, "--task is required")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "s.safetensors").exists()
 
 
 def test_simulate_digits_file(tmp_path, capsys):

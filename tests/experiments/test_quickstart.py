@@ -1,20 +1,30 @@
-"""`scoreaction quickstart`: the whole loop on a tiny budget, the report's content, the person-in-the-loop
-mode through the real web app, and bad input."""
+"""`scoreaction quickstart`: the whole loop on a tiny budget, the report's content (parsed, not matched as
+strings), escaping of hostile strings, the person-in-the-loop mode through the real web app, and bad input."""
 
+import dataclasses
 import json
-import re
 import threading
+from html.parser import HTMLParser
 
 import httpx
 import pytest
 import torch
 
 from scoreaction.cli import main
-from scoreaction.experiments.quickstart import QuickstartConfig, agreement, collect_human, run
-from scoreaction.experiments.report import SECTIONS
+from scoreaction.experiments.quickstart import (
+    ExactTilt,
+    QuickstartConfig,
+    QuickstartResults,
+    SolverRow,
+    agreement,
+    collect_human,
+    run,
+)
+from scoreaction.experiments.report import SECTIONS, render
 from scoreaction.feedback.store import PreferenceStore
 
 TINY = dict(items=40, pairs=50, updates=2, batch_size=8, steps=4, per_class=2, solvers=[["ddim", 4], ["heun", 2]])
+PLOTS = {"samples": ["samples_em4.png"], "training": "training.png", "hacking": "hacking.png", "solvers": "solvers.png"}
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +34,46 @@ def quick(tmp_path_factory):
     return out, results
 
 
-def section(page: str, anchor: str) -> str:
-    """The HTML between <h2 id='anchor'> and the next <h2> (or the end)."""
-    match = re.search(rf"<h2 id='{anchor}'>(.*?)(?=<h2 |</body>)", page, re.S)
-    assert match, f"section {anchor!r} missing"
-    return match.group(1)
+class Page(HTMLParser):
+    """The report as its reader sees it: per section (<h2 id=...> up to the next), the text, the table
+    cells and the images; and every element with its attributes."""
+
+    def __init__(self, html: str):
+        super().__init__(convert_charrefs=True)
+        self.order, self.text, self.cells, self.images, self.elements = [], {}, {}, {}, []
+        self.current, self._cell = "top", None
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.elements.append((tag, attrs))
+        if tag == "h2":
+            self.current = attrs.get("id")
+            self.order.append(self.current)
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "img":
+            self.images.setdefault(self.current, []).append(attrs["src"])
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.cells.setdefault(self.current, []).append(" ".join("".join(self._cell).split()))
+            self._cell = None
+
+    def handle_data(self, data):
+        self.text[self.current] = self.text.get(self.current, "") + data
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def words(self, section: str) -> str:
+        return " ".join(self.text.get(section, "").split())
+
+
+@pytest.fixture(scope="module")
+def page(quick):
+    out, _ = quick
+    return Page((out / "report.html").read_text())
 
 
 def test_every_stage_leaves_its_files(quick):
@@ -40,41 +85,88 @@ def test_every_stage_leaves_its_files(quick):
     assert store.count_comparisons() == 50 and len(store.items(task="digits")) == 40
 
 
-def test_report_has_every_section_with_its_numbers(quick):
-    out, results = quick
-    page = (out / "report.html").read_text()
-    assert SECTIONS == ("summary", "samples", "training", "hacking", "quality", "solvers", "feedback", "reproduce")
+def test_report_has_every_section_in_order_with_its_figures(quick, page):
+    out, _ = quick
+    assert page.order == list(SECTIONS)
     for anchor in SECTIONS:
-        assert len(re.sub(r"<[^>]+>", "", section(page, anchor)).strip()) > 20, anchor
-    for image in re.findall(r"<img src='([^']+)'", page):
-        assert (out / image).stat().st_size > 1000, image
-    assert "samples_em4.png" in section(page, "samples") and "training.png" in section(page, "training")
-    summary = section(page, "summary")
-    for target in results["summary"]["targets"]:
-        assert target["measured"].replace(">", "&gt;") in summary
-    assert "exact tilt at the same utility gain" in summary and f"{results['exact_tilt']['frechet']:.2f}" in summary
-    acc0, acc1 = results["summary"]["class_accuracy"]
-    assert f"{acc0:.3f} -&gt; {acc1:.3f}" in summary
-    hacking = section(page, "hacking")
-    assert f"{results['summary']['utility_gain_sd']:+.2f}" in hacking and "ranking agreement" in hacking
-    solvers = section(page, "solvers")
-    assert all(f"{s} {k}" in solvers for s, k in (("em", 4), ("ddim", 4), ("heun", 2)))
-    assert "40 / 50" in section(page, "feedback") and "scoreaction quickstart --out" in section(page, "reproduce")
+        assert len(page.words(anchor)) > 20, anchor
+    for images in page.images.values():
+        for image in images:
+            assert (out / image).stat().st_size > 1000, image
+    assert page.images["samples"] == ["samples_em4.png"] and page.images["training"] == ["training.png"]
+    assert page.images["hacking"] == ["hacking.png"] and page.images["solvers"] == ["solvers.png"]
+    assert "met" not in page.cells["summary"] and "target" not in page.words("summary")  # no pass/fail rows
+
+
+def test_report_states_the_numbers_of_results_json(quick, page):
+    out, _ = quick
+    r = json.loads((out / "results.json").read_text())
+    s, tilt, train = r["summary"], r["exact_tilt"], r["settings"][0]
+    summary = page.cells["summary"]
+    assert f"{s['utility_gain_sd']:+.2f} ± {s['utility_gain_sd_se']:.2f}" in summary
+    assert f"{s['reward_gain_sd']:+.2f}" in summary and f"{s['tilt_gain_sd']:+.2f}" in summary
+    for who in ("pretrained", "finetuned"):
+        assert f"{train[who]['class_accuracy']:.3f}" in summary and f"{train[who]['frechet']:.2f}" in summary
+    assert f"{tilt['class_accuracy']:.3f}" in summary and f"{tilt['frechet']:.2f}" in summary
+    assert f"{s['path_kl']:.3f}" in summary and f"{tilt['kl']:.3f}" in summary
+    assert f"{tilt['inverse_beta']:.3g}" in page.words("summary")
+
+    hacking = page.cells["hacking"]
+    assert f"{train['pretrained']['utility']:.3f} ± {train['pretrained']['utility_se']:.3f}" in hacking
+    assert f"{train['finetuned']['agreement']:.3f}" in hacking and "ranking agreement (same-class pairs)" in hacking
+
+    quality, solvers = page.cells["quality"], page.cells["solvers"]
+    for row in r["settings"]:
+        label = f"{row['solver']} {row['steps']}"
+        assert label in quality and label in solvers
+        assert f"{row['utility_gain']:.3f} ± {row['utility_gain_se']:.3f}" in solvers
+        assert f"{row['finetuned']['frechet']:.2f}" in quality
+    assert [c for c in solvers if c in ("em 4", "ddim 4", "heun 2")] == ["em 4", "ddim 4", "heun 2"]
+
+    feedback = page.cells["feedback"]
+    assert "40 / 50" in feedback and f"{r['reward_model']['validation']['accuracy']:.3f} on 10 pairs" in feedback
+    assert f"{r['reward_model']['ceiling']:.3f}" in feedback
+    assert f"scoreaction quickstart --out {r['config']['out']} --seed 0" in page.words("reproduce")
+    assert "beta_kl" in page.cells["reproduce"] and "total" in page.cells["reproduce"]
+
+
+def test_results_json_is_the_results_dataclass(quick):
+    out, results = quick
+    assert isinstance(results, QuickstartResults) and isinstance(results.exact_tilt, ExactTilt)
+    assert all(isinstance(row, SolverRow) for row in results.settings)
+    written = json.loads((out / "results.json").read_text())
+    assert written == json.loads(json.dumps(dataclasses.asdict(results), default=float))
+    assert written["format"] == "scoreaction-quickstart-2" and written["config"]["per_class"] == 2
 
 
 def test_results_are_paired_and_consistent(quick):
-    out, results = quick
-    assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
-    assert [(r["solver"], r["steps"]) for r in results["settings"]] == [("em", 4), ("ddim", 4), ("heun", 2)]
-    for row in results["settings"]:
+    _, results = quick
+    assert [(r.solver, r.steps) for r in results.settings] == [("em", 4), ("ddim", 4), ("heun", 2)]
+    for row in results.settings:
         # paired gain: the mean of per-sample differences is the difference of the means
-        assert row["utility_gain"] == pytest.approx(row["finetuned"]["utility"] - row["pretrained"]["utility"],
-                                                    abs=1e-5)
-        for who in ("pretrained", "finetuned"):
-            assert 0 <= row[who]["agreement"] <= 1 and 0 <= row[who]["class_accuracy"] <= 1
-    assert len(results["history"]) == 2 and all("utility_mean" in h for h in results["history"])
-    assert results["summary"]["utility_gain_sd"] == pytest.approx(
-        results["settings"][0]["utility_gain"] / results["utility_std_pretrained"])
+        assert row.utility_gain == pytest.approx(row.finetuned.utility - row.pretrained.utility, abs=1e-5)
+        for scores in (row.pretrained, row.finetuned):
+            assert 0 <= scores.agreement <= 1 and 0 <= scores.class_accuracy <= 1
+    assert len(results.history) == 2 and all(h.utility_mean is not None for h in results.history)
+    assert "eval_path_kl" in results.history[-1].diagnostics
+    s = results.summary
+    assert s.utility_gain_sd == pytest.approx(results.settings[0].utility_gain / results.utility_std_pretrained)
+    assert s.path_kl == results.history[-1].diagnostics["eval_path_kl"] and (s.solver, s.steps) == ("em", 4)
+    assert results.timings.total >= results.timings.train > 0
+
+
+def test_hostile_strings_are_escaped(quick):
+    _, results = quick
+    script, span = "<script>alert(1)</script>", "<span onclick=alert(1)>x</span>"
+    hostile = dataclasses.replace(results, config=dataclasses.replace(results.config, out=script),
+                                  feedback=dataclasses.replace(results.feedback, labeler=span), torch=script)
+    html = render(hostile, PLOTS)
+    assert script not in html and span not in html
+    parsed = Page(html)
+    assert all(tag not in ("script", "span") for tag, _ in parsed.elements)
+    assert not any(name.startswith("on") for _, attrs in parsed.elements for name in attrs)
+    assert span in " ".join(parsed.cells["feedback"]) and span in parsed.words("top")  # shown as text
+    assert f"--out {script}" in parsed.words("reproduce")
 
 
 def test_agreement_counts_same_class_pairs_only():
@@ -128,6 +220,11 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_every_config_field_has_help():
+    for field in dataclasses.fields(QuickstartConfig):
+        assert field.metadata.get("help"), field.name
+
+
 def test_exact_tilt_reaches_the_asked_gain_and_no_more():
     from scoreaction.experiments.quickstart import exact_tilt
     from scoreaction.tasks.digits import DigitsTask, digits_data
@@ -137,11 +234,11 @@ def test_exact_tilt_reaches_the_asked_gain_and_no_more():
     u = x.mean((1, 2, 3)) * 10  # any utility: here ink
     config = QuickstartConfig(per_class=5)
     none = exact_tilt(task, x, cond, u, 0.0, config, repeats=1)
-    assert none["inverse_beta"] < 1e-9 and abs(none["gain"]) < 1e-12
+    assert none.inverse_beta < 1e-9 and abs(none.gain) < 1e-12 and abs(none.kl) < 1e-9
     smallest = int(torch.bincount(cond).min())
-    assert none["items_per_class"] == smallest
-    assert none["min_effective_items_per_class"] == pytest.approx(smallest, abs=1e-6)  # uniform weights: every item
+    assert none.items_per_class == smallest
+    assert none.min_effective_items_per_class == pytest.approx(smallest, abs=1e-6)  # uniform weights: every item
     some = exact_tilt(task, x, cond, u, 0.5, config, repeats=1)
-    assert some["gain"] == pytest.approx(0.5, abs=1e-6) and some["inverse_beta"] > 0
-    assert some["min_effective_items_per_class"] < smallest
-    assert 0 <= some["class_accuracy"] <= 1 and some["frechet"] > 0
+    assert some.gain == pytest.approx(0.5, abs=1e-6) and some.inverse_beta > 0 and some.kl > 0
+    assert some.min_effective_items_per_class < smallest
+    assert 0 <= some.class_accuracy <= 1 and some.frechet > 0

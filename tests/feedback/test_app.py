@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scoreaction.feedback.app import item_kind, render_image
+from scoreaction.feedback.render import item_kind, render_image
 
 pytest_plugins = ["feedback_fixtures"]  # store, make_store, live_server
 
@@ -138,9 +138,65 @@ def test_a_pair_is_answered_once_per_labeler(client, store):
     assert store.count_comparisons() == 1
 
 
+def test_hostile_bodies_are_400_not_500(store, live_server):
+    """Bodies that break a JSON parser or a validator: far too deep, an integer far too long, bad UTF-8."""
+    server = live_server(store, max_body=1_000_000)  # the deep array is larger than the default 64 KiB
+    token = store.add_labeler("ann")
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    hostile = [
+        b"[" * 60_000 + b"]" * 60_000,
+        b'{"left": ' + b"[" * 60_000 + b"]" * 60_000 + b', "right": 2, "choice": "left"}',
+        b'{"left": 1, "right": 2, "choice": "left", "response_ms": ' + b"7" * 5_000 + b"}",
+        b'{"left": 1, "right": ' + b"9" * 5_000 + b', "choice": "left"}',
+        b'{"left": 1, "right": 2, "choice": "\xff"}',
+    ]
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for body in hostile:
+            r = c.post("/api/answer", headers=headers, content=body)
+            assert r.status_code == 400 and "malformed JSON" in r.json()["error"], (body[:60], r.text[:200])
+        for body, field in [(b'{"left": ' + b"[" * 900 + b"]" * 900 + b', "right": 2, "choice": "left"}', "left"),
+                            (b'{"left": 1, "right": 2, "choice": ' + b"7" * 4_000 + b"}", "choice")]:
+            r = c.post("/api/answer", headers=headers, content=body)  # parsed, then refused with a short message
+            assert r.status_code == 422 and r.json()["error"].startswith(f"{field} must be"), r.text[:200]
+            assert len(r.json()["error"]) < 200
+        ok = c.post("/api/answer", headers=headers, json={"left": 1, "right": 2, "choice": "left"})
+        assert ok.status_code == 200  # still serving
+    assert store.count_comparisons() == 1
+    with httpx.Client(base_url=live_server(store).url, timeout=30) as c:  # the default limit
+        r = c.post("/api/answer", headers=headers, content=hostile[0])
+        assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
+
+
+def test_an_answer_must_be_sent_as_json(client, store):
+    body = json.dumps({"left": 1, "right": 2, "choice": "left"})
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"]:
+        r = client.post("/api/answer", headers={**client.auth_headers, "Content-Type": content_type}, content=body)
+        assert r.status_code == 400 and "application/json" in r.json()["error"]
+    assert store.count_comparisons() == 0
+
+
+def test_a_413_is_json_with_the_usual_headers_and_a_huge_length_is_no_500(client, store):
+    r = client.post("/api/answer", headers=client.auth_headers, content=b"x" * 70_000)
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
+    assert r.headers["x-frame-options"] == "DENY" and "default-src 'none'" in r.headers["content-security-policy"]
+    assert r.headers["cache-control"] == "no-store"
+    conn = http.client.HTTPConnection("127.0.0.1", httpx.URL(str(client.base_url)).port, timeout=10)
+    conn.putrequest("POST", "/api/answer")
+    conn.putheader("Authorization", f"Bearer {client.token}")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", "9" * 40)
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status in (400, 413), response.status  # refused by the server or by the app, never a 500
+    conn.close()
+    assert store.count_comparisons() == 0
+
+
 def test_unknown_things_are_404(client):
     for url in ["/api/items/999.png", "/api/items/abc.png", "/api/items/1.jpg", "/api/items/-1.png", "/api/items/1",
-                "/api/items/01x.png", "/static/missing.js", "/static/__init__.py", "/static/", "/nowhere"]:
+                "/api/items/01x.png", "/api/items/1.0.png", "/api/items/+1.png", "/api/items/%201.png",
+                "/api/items/%D9%A1.png", f"/api/items/{2**63}.png", f"/api/items/{'9' * 5000}.png",
+                "/static/missing.js", "/static/__init__.py", "/static/", "/nowhere"]:
         r = client.get(url, headers=client.auth_headers)
         assert r.status_code == 404 and "error" in r.json(), url
 

@@ -49,7 +49,7 @@ def test_labeling_in_chromium_by_click_and_keyboard_with_undo(make_store, live_s
     page.goto(f"{server.url}/?token={token}")
     wait_shown(page, 1)
     assert "token" not in page.url  # taken out of the address bar (and history)
-    assert page.inner_text("#who") == "labeler: ann" and page.inner_text("#progress-text") == "0 / 5 pairs"
+    assert "ann" in page.inner_text("#who") and "0 / 5" in page.inner_text("#progress-text")
     assert page.inner_text("#left-caption").startswith("x = (")
     expected = []
 
@@ -79,7 +79,7 @@ def test_labeling_in_chromium_by_click_and_keyboard_with_undo(make_store, live_s
     page.click("#choose-right")
     expected.append((e, "right"))
     wait_shown(page, 8, state="done")
-    assert page.is_visible("#done") and page.inner_text("#progress-text") == "5 / 5 pairs"
+    assert page.is_visible("#done") and "5 / 5" in page.inner_text("#progress-text")
 
     rows = store.comparisons()
     assert [((r["left"], r["right"]), r["choice"]) for r in rows] == expected

@@ -137,7 +137,9 @@ def test_simulate_and_enqueue_where_a_reward_ensemble_disagrees(make_store, tmp_
     (["add-labeler", "bad name", "--store", "{db}"], "labeler name"),
     (["serve", "--store", "{db}", "--port", "{busy_port}"], "cannot listen"),
     (["serve", "--store", "{tmp}/nothing.db"], "does not exist"),
-    (["init"], "required: --store"),
+    (["init"], "--store is required"),
+    (["export", "--store", "{db}"], "--out is required"),
+    (["simulate", "--store", "{full}", "--pairs", "3"], "--labeler is required"),
 ])
 def test_errors_are_one_line_with_exit_code_2(make_store, tmp_path, capsys, argv, message):
     (tmp_path / "garbage.db").write_bytes(b"\x00garbage" * 64)

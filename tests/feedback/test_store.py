@@ -333,3 +333,60 @@ def test_processes_writing_at_once_lose_nothing(make_store):
         assert p.exitcode == 0
     stats = store.stats()["comparisons"]
     assert sorted(stats) == [f"proc{k}" for k in range(4)] and all(s["right"] == 40 for s in stats.values())
+
+
+def test_close_leaves_one_file_and_the_store_reopens(make_store):
+    store = make_store(n_items=20)
+    threads = [threading.Thread(target=store.add_comparison, args=(1, k, "left", f"t{k}")) for k in range(2, 8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.path.with_name("prefs.db-wal").exists()  # WAL mode
+    store.close()
+    assert sorted(p.name for p in store.path.parent.iterdir()) == ["prefs.db"]  # WAL folded back in
+    assert store.count_comparisons() == 6  # usable again: new connections
+    store.close()
+    assert sorted(p.name for p in store.path.parent.iterdir()) == ["prefs.db"]
+
+
+def test_each_thread_has_one_connection_and_ended_threads_free_theirs(make_store):
+    store = make_store(n_items=3)
+    for k in range(30):  # 30 short-lived threads, like a server's worker pool over a day
+        t = threading.Thread(target=store.add_comparison, args=(1, 2, "left", f"t{k}"))
+        t.start()
+        t.join()
+    assert len(store._db._opened) <= 2  # this thread's and the last worker's
+    seen = []
+
+    def two_reads():
+        with store._tx() as a:
+            pass
+        with store._tx() as b:
+            seen.append(a is b)
+
+    t = threading.Thread(target=two_reads)
+    t.start()
+    t.join()
+    assert seen == [True] and store.count_comparisons() == 30
+
+
+def write_with_inherited_store(store: PreferenceStore, k: int, n: int) -> None:
+    for i in range(n):
+        store.add_comparison(1 + i % 5, 6, "left", f"child{k}")
+
+
+def test_a_forked_child_opens_its_own_connections(make_store):
+    store = make_store(n_items=6)
+    store.add_comparison(1, 2, "tie", "parent")  # the parent has a connection open when it forks
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=write_with_inherited_store, args=(store, k, 30)) for k in range(3)]
+    for p in procs:
+        p.start()
+    store.add_comparison(3, 4, "tie", "parent")  # the parent keeps writing meanwhile
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    stats = store.stats()["comparisons"]
+    assert {name: s["answers"] for name, s in stats.items()} == {"parent": 2, "child0": 30, "child1": 30, "child2": 30}
+    assert store.count_comparisons() == 92

@@ -13,7 +13,7 @@ from scoreaction.tasks import make_task
 from scoreaction.tasks.digits import SHIPPED, DigitsConfig, DigitsTask, digits_data, pretrain
 from scoreaction.train import TrainConfig, Trainer
 
-TINY = ["--steps", "2", "--classifier-epochs", "1", "--no-eval", "-q"]
+TINY = ["--steps", "2", "--classifier-epochs", "1", "--no-evaluate", "-q"]
 
 
 @pytest.fixture(scope="module")

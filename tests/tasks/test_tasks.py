@@ -142,7 +142,7 @@ def test_mixture_optimal_law_by_importance_weighting():
 
 def test_mixture_reference_and_j_star_consistency():
     task = make_task("mixture")
-    ref = task.reference(n=50_000, seed=0)
+    ref = task.compute_reference(n=50_000, seed=0)
     j, se = task.j_star_mc(50_000, seed=0)
     assert (ref["J_star"], ref["J_star_se"]) == (j, se)
     # j_star_mc is beta * the mean of log phi(0, X_0) over prior draws, with an honest standard error
@@ -204,7 +204,7 @@ def test_mixture_optimal_action_attains_p_star_and_j_star():
     one Brownian path per sample (BrownianNoise), so J_100 - J_200 estimates the first-order bias of
     J_200 with little noise; allowance = 2 |J_100 - J_200| + 4 SE of that difference. Same for the mean."""
     task = make_task("mixture")
-    ref = task.reference(n=100_000, seed=1)
+    ref = task.compute_reference(n=100_000, seed=1)
     n, fine = 2000, 200
     gen = torch.Generator().manual_seed(8)
     x_init = task.prior_sample(n, generator=gen, dtype=torch.float64)
@@ -273,7 +273,8 @@ def test_bad_options(name, options, match):
 def test_zero_beta_kl_has_no_tilt(name):
     task = make_task(name, {"beta_kl": 0.0})
     x = torch.zeros(2, 2, dtype=torch.float64)
-    for call in (task.reference, lambda: task.log_phi(0.5, x), lambda: task.optimal_score(0.5, x),
+    assert task.reference() is None  # no tilt, so no reference
+    for call in (task.compute_reference, lambda: task.log_phi(0.5, x), lambda: task.optimal_score(0.5, x),
                  lambda: task.sample_optimal(3), lambda: task.j_star_mc(10)):
         with pytest.raises(ValueError, match=r"needs beta_kl > 0, found 0.0"):
             call()

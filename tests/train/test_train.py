@@ -97,7 +97,9 @@ def test_reward_of_the_wrong_shape_stops_with_a_clear_message(tmp_path):
     ("batch_size", 0, "batch_size must be a positive integer, found 0"),
     ("grid", "zigzag", "grid must be one of"),
     ("algorithm", "ppo", "algorithm must be one of"),
-    ("task", {"dim": 2}, "task must be a mapping with a 'name'"),
+    ("task", {"name": "gaussain", "dim": 2}, "task must be one of"),
+    ("task", [2], "task must be a mapping of options with a 'name'"),
+    ("algo", {"group_size": 4}, "unknown option 'group_size' for algorithm 'ctrl'"),
 ])
 def test_invalid_train_config(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -193,3 +195,16 @@ def test_linear_schedule_decays_to_zero_and_resumes_exactly(tmp_path):
         assert torch.equal(value, weights(resumed)[key]), key
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         config(tmp_path, lr_schedule="cosine")
+
+
+def test_config_is_typed_and_round_trips(tmp_path):
+    from scoreaction.algorithms.ctrl import CTRLConfig
+    from scoreaction.tasks.gaussian import GaussianConfig
+
+    cfg = config(tmp_path, task={"dim": 4}, algo={"lr": 0.01})  # a task mapping without a name is gaussian's
+    assert isinstance(cfg.task, GaussianConfig) and cfg.task.dim == 4
+    assert isinstance(cfg.algo, CTRLConfig) and cfg.algo.lr == 0.01 and cfg.algo.clip == CTRLConfig().clip
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    with pytest.raises(ValueError, match="group_size=8, found 12"):  # checked once, at construction
+        config(tmp_path, algorithm="grpo", algo={"group_size": 8}, batch_size=12)

@@ -1,0 +1,219 @@
+"""The SQLite file under a preference store (its tables are described in store.py): created
+atomically and only on request, checked to be one, and served through one connection per thread.
+
+Each thread gets its own connection, opened on first use and kept (closing the last one would
+checkpoint the WAL, costing every write several fsyncs). The PID is recorded with it, so a forked child
+opens its own and never touches its parent's (SQLite forbids using, or even closing, them there).
+`close()` folds the WAL back into the file (`wal_checkpoint(TRUNCATE)`) and closes them all.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+
+FORMAT, VERSION = "scoreaction-preferences", 1
+BUSY_TIMEOUT_MS = 30_000
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE items (
+    id INTEGER PRIMARY KEY,
+    task TEXT NOT NULL,
+    condition TEXT NOT NULL,
+    model TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    data BLOB NOT NULL,
+    created REAL NOT NULL,
+    UNIQUE (task, condition, sha256)
+);
+CREATE TABLE comparisons (
+    id INTEGER PRIMARY KEY,
+    uid TEXT NOT NULL UNIQUE,
+    left INTEGER NOT NULL REFERENCES items(id),
+    right INTEGER NOT NULL REFERENCES items(id),
+    choice TEXT NOT NULL CHECK (choice IN ('left', 'right', 'tie', 'skip')),
+    labeler TEXT NOT NULL,
+    created REAL NOT NULL,
+    response_ms REAL,
+    CHECK (left <> right)
+);
+CREATE INDEX comparisons_by_labeler ON comparisons (labeler, left, right);
+CREATE TABLE queue (
+    id INTEGER PRIMARY KEY,
+    left INTEGER NOT NULL REFERENCES items(id),
+    right INTEGER NOT NULL REFERENCES items(id),
+    UNIQUE (left, right)
+);
+CREATE TABLE labelers (name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, created REAL NOT NULL);
+"""
+
+
+class StoreError(ValueError):
+    """The file is missing, corrupt, or not a preference store."""
+
+
+class Database:
+    """One preference-store file: `transaction()` on this thread's connection, `close()`."""
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = False):
+        self.path = Path(path)
+        self._local = threading.local()  # .con, .pid, .generation: this thread's connection
+        self._opened: list[tuple[int, weakref.ref, sqlite3.Connection]] = []  # (pid, its thread, connection)
+        self._lock = threading.Lock()
+        self._generation = 0  # close() bumps it: every thread then opens a new connection
+        if not self.path.exists():
+            if not create:
+                raise StoreError(f"preference store {str(self.path)!r} does not exist (create it with "
+                                 f"`scoreaction feedback init --store {self.path}`)")
+            self._create()
+        try:
+            self._check()
+        except BaseException:
+            self.close()
+            raise
+
+    def _create(self) -> None:
+        """Build the empty store beside its final name, then link it into place (never over a file)."""
+        if not self.path.parent.is_dir():
+            raise StoreError(f"cannot create preference store {str(self.path)!r}: folder "
+                             f"{str(self.path.parent)!r} does not exist")
+        tmp = self.path.with_name(f".{self.path.name}.creating-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            con = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                con.execute("PRAGMA journal_mode = WAL")
+                con.execute("BEGIN")
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        con.execute(statement)
+                con.executemany("INSERT INTO meta VALUES (?, ?)",
+                                [("format", FORMAT), ("version", str(VERSION)), ("created", repr(time.time()))])
+                con.execute("COMMIT")
+            finally:
+                con.close()
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                pass  # created meanwhile by someone else: open theirs
+            except OSError:  # a file system without hard links: a rename, unless the name was taken
+                if not self.path.exists():
+                    os.replace(tmp, self.path)
+        finally:
+            for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+                leftover.unlink(missing_ok=True)
+
+    def _check(self) -> None:
+        where = f"preference store {str(self.path)!r}"
+        if not self.path.is_file():
+            raise StoreError(f"{where} is not a file")
+        with open(self.path, "rb") as fh:
+            if fh.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+                raise StoreError(f"{where} is not a preference store (not an SQLite database)")
+        with self.transaction() as con:
+            try:
+                meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+            except sqlite3.OperationalError:
+                meta = {}
+        if meta.get("format") != FORMAT:
+            raise StoreError(f"{where} is an SQLite database but not a preference store (no {FORMAT!r} marker)")
+        if meta.get("version") != str(VERSION):
+            raise StoreError(f"{where} has format version {meta.get('version')!r}; this scoreaction reads {VERSION}")
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use (again after a fork or a close())."""
+        local, pid = self._local, os.getpid()
+        if getattr(local, "pid", None) == pid and local.generation == self._generation:
+            return local.con
+        con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                              check_same_thread=False)  # close() may close it from another thread
+        try:
+            con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            con.execute("PRAGMA foreign_keys = ON")
+            con.execute("PRAGMA synchronous = FULL")  # a committed answer survives a power cut, not only a crash
+        except BaseException:
+            con.close()
+            raise
+        with self._lock:
+            # a connection of a thread that has ended is closed; those inherited across a fork stay
+            # referenced and untouched (SQLite forbids using, or closing, them in the child)
+            ended = [e for e in self._opened if e[0] == pid and not (e[1]() and e[1]().is_alive())]
+            self._opened = [e for e in self._opened if e not in ended]
+            self._opened.append((pid, weakref.ref(threading.current_thread()), con))
+            local.con, local.pid, local.generation = con, pid, self._generation
+        for _, _, old in ended:
+            old.close()
+        return con
+
+    def _discard(self, con: sqlite3.Connection) -> None:
+        """Close a connection that failed; this thread opens a new one next time."""
+        with self._lock:
+            self._opened = [e for e in self._opened if e[2] is not con]
+            if getattr(self._local, "con", None) is con:
+                self._local.pid = None
+        con.close()
+
+    def close(self) -> None:
+        """Close every connection this store opened in this process, after folding the WAL back into
+        the file (`wal_checkpoint(TRUNCATE)`), so that the store is one file again. Call it when no
+        other thread is using the store; using it afterwards opens new connections."""
+        pid = os.getpid()
+        with self._lock:
+            mine = [e[2] for e in self._opened if e[0] == pid]
+            self._opened = [e for e in self._opened if e[0] != pid]
+            self._generation += 1
+        for k, con in enumerate(mine):
+            try:
+                if k == 0:
+                    con.execute("PRAGMA busy_timeout = 1000")  # another process's reader does not hold us long
+                    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # busy or unreadable: the last close still checkpoints what it can
+            finally:
+                con.close()
+
+    @contextmanager
+    def transaction(self, write: bool = False):
+        """One transaction on this thread's connection: BEGIN IMMEDIATE for writes (takes the write
+        lock up front, so check-then-insert is atomic across threads and processes), BEGIN for reads."""
+        try:
+            con = self._connection()
+        except sqlite3.Error as err:
+            raise StoreError(f"preference store {str(self.path)!r} cannot be opened: {err}") from None
+        if con.in_transaction:
+            raise RuntimeError("transactions of a preference store do not nest (one is open in this thread)")
+        try:
+            con.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            yield con
+            con.execute("COMMIT")
+        except sqlite3.IntegrityError as err:
+            if not _rollback(con):
+                self._discard(con)
+            raise ValueError(f"preference store {str(self.path)!r} refused the write: {err}") from None
+        except sqlite3.DatabaseError as err:
+            _rollback(con)
+            self._discard(con)
+            raise StoreError(f"preference store {str(self.path)!r} is unreadable or corrupt: {err}") from None
+        except BaseException:
+            if not _rollback(con):
+                self._discard(con)
+            raise
+
+
+def _rollback(con: sqlite3.Connection) -> bool:
+    """Roll back whatever is open; False if the connection is no longer usable."""
+    try:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        return True
+    except sqlite3.Error:
+        return False
