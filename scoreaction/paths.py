@@ -2,7 +2,7 @@
 
 Clock: every function here takes DIFFUSION time s in [0, T] (s = 0 data, s = T noise).
 
-A Gaussian path (Eq. E1 of spec) is x_s = alpha(s) x_0 + sigma(s) eps, eps ~ N(0, I). From
+A Gaussian path (Eq. E1, docs/maths.md) is x_s = alpha(s) x_0 + sigma(s) eps, eps ~ N(0, I). From
 (alpha, sigma) alone follow the forward SDE dx = f(s, x) ds + g(s) dW with
 
     f(s, x) = (d log alpha / ds) x,        g(s)^2 = d sigma^2 / ds - 2 (d log alpha / ds) sigma^2.

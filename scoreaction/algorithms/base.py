@@ -112,18 +112,23 @@ def rescore(policy: ScoreAsAction, mb: Transitions) -> tuple[torch.Tensor, torch
     return gaussian_log_prob(mb.x_next, mean, std), policy.kl(mb.t0, mb.t1, mu, s_pre)
 
 
-def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, clip: float):
-    """PPO: min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) per item (Eq. E14), and its diagnostics.
+@torch.no_grad()
+def ratio_diagnostics(log_ratio: torch.Tensor, clip: float | None = None) -> dict:
+    """What every ratio-based update logs: approx_kl, the k3 estimator E[(ratio - 1) - log ratio] of
+    KL(pi_old || pi_theta) (as in cleanrl), the mean ratio, and the clipped fraction where there is a clip."""
+    ratio = torch.exp(log_ratio)
+    diag = {"approx_kl": float(((ratio - 1) - log_ratio).mean()), "ratio_mean": float(ratio.mean())}
+    if clip is not None:
+        diag["clipfrac"] = float(((ratio - 1).abs() > clip).float().mean())
+    return diag
 
-    approx_kl is the k3 estimator E[(ratio - 1) - log ratio] (as in cleanrl)."""
+
+def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, clip: float):
+    """PPO: min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) per item (Eq. E14), and its diagnostics."""
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
-    with torch.no_grad():
-        diag = {"approx_kl": float(((ratio - 1) - log_ratio).mean()),
-                "clipfrac": float(((ratio - 1).abs() > clip).float().mean()),
-                "ratio_mean": float(ratio.mean())}
-    return surrogate, diag
+    return surrogate, ratio_diagnostics(log_ratio, clip)
 
 
 def normalise(adv: torch.Tensor, mode: str, eps: float = 1e-8) -> tuple[torch.Tensor, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scoreaction.algorithms.base import Transitions, rescore
+from scoreaction.algorithms.base import Transitions, ratio_diagnostics, rescore
 from scoreaction.algorithms.ctrl import CTRL, CTRLConfig
 
 
@@ -25,8 +25,8 @@ class CTPG(CTRL):
 
     def loss(self, policy, mb: Transitions):
         log_prob, kl = rescore(policy, mb)
-        ratio = (log_prob - mb.log_prob).exp()
-        loss = -(ratio * mb.adv).mean()
+        log_ratio = log_prob - mb.log_prob
+        loss = -(log_ratio.exp() * mb.adv).mean()
         if self.config.kl_grad:
             loss = loss + self.beta_kl * kl.mean() / self.kl_scale
-        return loss, {"ratio_mean": ratio.mean().item()}
+        return loss, ratio_diagnostics(log_ratio)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scoreaction.algorithms.base import Algorithm, AlgorithmConfig, Batch, Transitions, rescore
+from scoreaction.algorithms.base import Algorithm, AlgorithmConfig, Batch, Transitions, ratio_diagnostics, rescore
 from scoreaction.config import check_choice, check_positive
 
 REWARD_SCALINGS = ("center", "normalize")
@@ -42,6 +42,6 @@ class DPOK(Algorithm):
 
     def loss(self, policy, mb: Transitions):
         log_prob, kl = rescore(policy, mb)
-        ratio = (log_prob - mb.log_prob).exp()
-        loss = -self.config.reward_weight * (ratio * mb.adv).mean() + self.beta_kl * kl.mean()
-        return loss, {"ratio_mean": ratio.mean().item()}
+        log_ratio = log_prob - mb.log_prob
+        loss = -self.config.reward_weight * (log_ratio.exp() * mb.adv).mean() + self.beta_kl * kl.mean()
+        return loss, ratio_diagnostics(log_ratio)

@@ -88,6 +88,7 @@ class FitOptions(SourceOptions):
         require("--out", self.out)
         check_text("out", self.out)
         check_choice("arch", self.arch, ("auto", *ARCHITECTURES))
+        check_nonnegative_int("seed", self.seed)
         self.fit_config()  # FitConfig validates the model options
 
     def fit_config(self) -> FitConfig:

@@ -250,33 +250,30 @@ def render_markdown(results: DigitsBenchResults) -> str:
     rm, fb, beta = results.reward_model, results.feedback, results.setup.beta_kl
     ceiling = "n/a" if rm.ceiling is None else f"{rm.ceiling:.3f}"
     lrs = ", ".join(f"{r.algorithm} {r.algo['lr']:g}" for r in results.runs)
+    loads = ", ".join(f"{v:.1f}" for v in m["load_average_start"] or [])
+    machine = (f"- Machine: {m['cpu_count']} CPUs, torch {m['torch']}, Python {m['python']}; {m['workers']} worker "
+               f"process(es), {m['threads_per_process']} torch thread(s) each; load average at start {loads}")
     lines = ["# Digits benchmark: ctrl against ddpo, dpok and grpo on a learned reward", "", "```",
-             results.command, "```", "",
-             f"- Date: {results.date}",
-             f"- Machine: {m['cpu_count']} CPUs, torch {m['torch']}, Python {m['python']}; {m['workers']} worker "
-             f"process(es), {m['threads_per_process']} torch thread(s) each; load average at start "
-             f"{', '.join(f'{v:.1f}' for v in m['load_average_start'] or [])}",
+             results.command, "```", "", f"- Date: {results.date}", machine,
              f"- Wall time: {results.wall_seconds / 60:.1f} min", ""]
     if results.config.quick:
         lines += ["**Quick mode: tiny budgets, the numbers mean nothing.**", ""]
-    lines += ["## Settings", "",
-              "| setting | value |", "|---|---|",
-              f"| pretrained samples / same-class comparisons | {fb.items} / {fb.comparisons} |",
-              f"| simulated labeler | hidden utility {fb.utility}, temperature {fb.temperature} |",
-              f"| reward model held-out accuracy (labeler's ceiling) | {rm.validation.accuracy:.3f} ({ceiling}) |",
-              f"| seed, batch, updates (trajectories) | {s.seed}, {s.batch_size}, {s.updates} "
-              f"({s.updates * s.batch_size}) |",
-              f"| Euler-Maruyama steps, beta_KL | {s.steps}, {s.beta_kl} |",
-              f"| learning rates (the point benchmark's sweep) | "
-              f"{lrs} |",
-              f"| evaluation | {10 * s.per_class} samples, the same prior draws, noise and labels for every "
-              "algorithm and point, training sampler |", "",
-              "## Results at equal trajectories", "",
-              "Gains are over the pretrained model on the same draws. J = E[r] - beta_KL KL(P_theta || P_pre) is what "
-              "every algorithm maximises; its gain is the learned-reward gain minus beta_KL times the path KL. Hidden "
-              f"utility gains in standard deviations over pretrained samples ({unit:.3f}) are in parentheses.", "",
-              "| algorithm | J gain | hidden utility gain (sd) | learned reward gain | path KL | Frechet (floor) "
-              "| class accuracy | s/update (CPU s) |", "|---|---|---|---|---|---|---|---|"]
+    settings = [("pretrained samples / same-class comparisons", f"{fb.items} / {fb.comparisons}"),
+                ("simulated labeler", f"hidden utility {fb.utility}, temperature {fb.temperature}"),
+                ("reward model held-out accuracy (labeler's ceiling)", f"{rm.validation.accuracy:.3f} ({ceiling})"),
+                ("seed, batch, updates (trajectories)",
+                 f"{s.seed}, {s.batch_size}, {s.updates} ({s.updates * s.batch_size})"),
+                ("Euler-Maruyama steps, beta_KL", f"{s.steps}, {s.beta_kl}"),
+                ("learning rates (the point benchmark's sweep)", lrs),
+                ("evaluation", (f"{10 * s.per_class} samples, the same prior draws, noise and labels for every "
+                                "algorithm and point, training sampler"))]
+    gains = ("Gains are over the pretrained model on the same draws. J = E[r] - beta_KL KL(P_theta || P_pre) is what "
+             "every algorithm maximises; its gain is the learned-reward gain minus beta_KL times the path KL. Hidden "
+             f"utility gains in standard deviations over pretrained samples ({unit:.3f}) are in parentheses.")
+    lines += ["## Settings", "", "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in settings], "",
+              "## Results at equal trajectories", "", gains, "",
+              ("| algorithm | J gain | hidden utility gain (sd) | learned reward gain | path KL | Frechet (floor) "
+               "| class accuracy | s/update (CPU s) |"), "|---|---|---|---|---|---|---|---|"]
     for r in results.runs:
         first, last = r.curve[0], r.curve[-1]
         lines.append(f"| {r.algorithm} | {r.objective_gain(beta):+.3f} | {last.utility - first.utility:+.3f} "
@@ -284,11 +281,11 @@ def render_markdown(results: DigitsBenchResults) -> str:
                      f"{last.path_kl:.3f} | {last.frechet:.2f} ({last.frechet_floor:.2f}) | "
                      f"{first.class_accuracy:.3f} -> {last.class_accuracy:.3f} | "
                      f"{r.seconds_per_update:.2f} ({r.train_cpu_seconds / s.updates:.2f}) |")
-    lines += ["", f"![curves]({PLOT})", "", "## Noise and cost of the gains", "",
-              f"One seed, {10 * s.per_class} evaluation samples. The band is how far J moves between evaluations "
-              "over the second half of training: a ranking by the last point alone is only as good as that band.", "",
-              "| algorithm | J gain | J band (second half) | hidden utility per nat of path KL (sd/nat) "
-              "| class accuracy change (points) |", "|---|---|---|---|---|"]
+    band = (f"One seed, {10 * s.per_class} evaluation samples. The band is how far J moves between evaluations "
+            "over the second half of training: a ranking by the last point alone is only as good as that band.")
+    lines += ["", f"![curves]({PLOT})", "", "## Noise and cost of the gains", "", band, "",
+              ("| algorithm | J gain | J band (second half) | hidden utility per nat of path KL (sd/nat) "
+               "| class accuracy change (points) |"), "|---|---|---|---|---|"]
     for r in sorted(results.runs, key=lambda r: -r.objective_gain(beta)):
         first, last = r.curve[0], r.curve[-1]
         du = (last.utility - first.utility) / unit

@@ -260,43 +260,44 @@ class BodyLimit:
         await self.app(scope, counted_receive, send)
 
 
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    detail = str(exc.detail)
+    if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+        detail = f"malformed JSON: {exc.__cause__}"  # FastAPI could not parse the body (bad UTF-8, too deep)
+    return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    status, message = validation_error(list(exc.errors()))
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=503)
+
+
+async def security_headers(request: Request, call_next) -> Response:
+    response = await call_next(request)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Content-Security-Policy"] = CSP
+    if request.url.path.startswith("/api/"):
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 def create_app(store: PreferenceStore | str, *, question: str = QUESTION, max_body: int = MAX_BODY,
                seed: int | None = None) -> FastAPI:
     """The labeling app over one preference store (a PreferenceStore or the path of an existing one).
     `seed` fixes the random pairs and which item of a pair is shown on the left."""
     store = store if isinstance(store, PreferenceStore) else PreferenceStore(store)
-    app = FastAPI(title="scoreaction labeling", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="scoreaction labeling", docs_url=None, redoc_url=None, openapi_url=None,
+                  exception_handlers={HTTPException: http_error, RequestValidationError: invalid_request,
+                                      StoreError: store_error})
     app.state.store, app.state.labeling = store, Labeling(store, question, seed)
     app.include_router(pages, include_in_schema=False)
     app.include_router(api)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        detail = str(exc.detail)
-        if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
-            detail = f"malformed JSON: {exc.__cause__}"  # FastAPI could not parse the body (bad UTF-8, too deep)
-        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError):
-        status, message = validation_error(list(exc.errors()))
-        return JSONResponse({"error": message}, status_code=status)
-
-    @app.exception_handler(StoreError)
-    async def store_error(request: Request, exc: StoreError):
-        return JSONResponse({"error": str(exc)}, status_code=503)
-
-    app.add_middleware(BodyLimit, limit=max_body)  # inside the headers below: a 413 gets them too
-
-    @app.middleware("http")
-    async def headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Content-Security-Policy"] = CSP
-        if request.url.path.startswith("/api/"):
-            response.headers["Cache-Control"] = "no-store"
-        return response
-
+    app.add_middleware(BodyLimit, limit=max_body)
+    app.middleware("http")(security_headers)  # outside BodyLimit: its 413 gets the headers too
     return app

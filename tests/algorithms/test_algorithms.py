@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scoreaction.algorithms import ALGORITHMS, Batch, make_algorithm
-from scoreaction.algorithms.base import normalise
+from scoreaction.algorithms.base import normalise, rescore
 from scoreaction.policy import Trajectory
 from scoreaction.train import TrainConfig, Trainer
 
@@ -40,8 +40,30 @@ def test_first_minibatch_is_on_policy(tmp_path, algorithm):
     mb = next(iter(tr.algorithm.minibatches(data, tr.generator)))
     _, diag = tr.algorithm.loss(tr.policy, mb)
     assert diag["ratio_mean"] == pytest.approx(1.0, abs=1e-12)
-    if "approx_kl" in diag:
-        assert diag["approx_kl"] == pytest.approx(0.0, abs=1e-12) and diag["clipfrac"] == 0.0
+    assert diag["approx_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert diag.get("clipfrac", 0.0) == 0.0  # the clipped algorithms report it: ctrl, ddpo, grpo
+    assert ("clipfrac" in diag) == (algorithm in ("ctrl", "ddpo", "grpo"))
+
+
+@pytest.mark.parametrize("algorithm", ["ctrl", "ctpg", "ddpo", "dpok", "grpo"])
+def test_approx_kl_measures_the_policy_move(tmp_path, algorithm):
+    """After an update, the k3 estimate on the stored transitions is positive and matches the plain
+    Monte-Carlo KL(pi_old || pi_theta) = E[log pi_old - log pi_theta] within its noise."""
+    tr = trainer(tmp_path, algorithm, {"lr": 3e-2})
+    batch = tr.collect()
+    data, _ = tr.algorithm.prepare(batch, tr.generator)
+    for mb in tr.algorithm.minibatches(data, tr.generator):
+        loss, _ = tr.algorithm.loss(tr.policy, mb)
+        tr.optimizer.zero_grad()
+        loss.backward()
+        tr.optimizer.step()
+    mb = next(iter(tr.algorithm.minibatches(data, tr.generator)))
+    _, diag = tr.algorithm.loss(tr.policy, mb)
+    with torch.no_grad():
+        log_ratio = rescore(tr.policy, mb)[0] - mb.log_prob
+    plain = float(-log_ratio.mean())
+    assert diag["approx_kl"] > 1e-6
+    assert diag["approx_kl"] == pytest.approx(plain, rel=0.5, abs=1e-4)
 
 
 def hand_made_batch(task, rewards, kls, xs):

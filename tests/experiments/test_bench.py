@@ -116,7 +116,7 @@ def test_quick_bench_report_shows_the_measured_figures(quick):
 
 @pytest.mark.slow
 def test_report_regenerates_from_the_json_alone(quick, tmp_path):
-    out, _, _, results, text = quick
+    _, _, _, results, text = quick
     write_report(results, tmp_path)
     assert (tmp_path / "finetune.md").read_text() == text
 

@@ -23,7 +23,8 @@ from scoreaction.experiments.quickstart import (
 from scoreaction.experiments.report import SECTIONS, render
 from scoreaction.feedback.store import PreferenceStore
 
-TINY = dict(items=40, pairs=50, updates=2, batch_size=8, steps=4, per_class=2, solvers=[["ddim", 4], ["heun", 2]])
+TINY = {"items": 40, "pairs": 50, "updates": 2, "batch_size": 8, "steps": 4, "per_class": 2,
+        "solvers": [["ddim", 4], ["heun", 2]]}
 PLOTS = {"samples": ["samples_em4.png"], "training": "training.png", "hacking": "hacking.png", "solvers": "solvers.png"}
 
 
@@ -158,8 +159,10 @@ def test_results_are_paired_and_consistent(quick):
 def test_hostile_strings_are_escaped(quick):
     _, results = quick
     script, span = "<script>alert(1)</script>", "<span onclick=alert(1)>x</span>"
-    hostile = dataclasses.replace(results, config=dataclasses.replace(results.config, out=script),
-                                  feedback=dataclasses.replace(results.feedback, labeler=span), torch=script)
+    hostile = dataclasses.replace(  # a person labeled (no temperature, no ceiling) under a hostile name
+        results, config=dataclasses.replace(results.config, out=script), torch=script,
+        feedback=dataclasses.replace(results.feedback, labeler=span, temperature=None),
+        reward_model=dataclasses.replace(results.reward_model, ceiling=None))
     html = render(hostile, PLOTS)
     assert script not in html and span not in html
     parsed = Page(html)
@@ -167,6 +170,7 @@ def test_hostile_strings_are_escaped(quick):
     assert not any(name.startswith("on") for _, attrs in parsed.elements for name in attrs)
     assert span in " ".join(parsed.cells["feedback"]) and span in parsed.words("top")  # shown as text
     assert f"--out {script}" in parsed.words("reproduce")
+    assert "(a person, in the web app)" in " ".join(parsed.cells["feedback"]) and "n/a" in parsed.cells["feedback"]
 
 
 def test_agreement_counts_same_class_pairs_only():

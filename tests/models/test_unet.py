@@ -114,5 +114,10 @@ def test_diversity_measures():
     clf = DigitClassifier()
     imgs, labels = torch.randn(20, 1, 8, 8), torch.arange(2).repeat(10)
     out = diversity(clf, imgs, labels)
-    assert out["pixel_pairwise"] > 0 and out["feature_variance"] >= 0
+    assert out["pixel_pairwise"] > 0 and out["feature_variance"] > 0
+    copies = imgs[:2].repeat(10, 1, 1, 1)  # every class holds ten copies of one image: no diversity at all
+    out = diversity(clf, copies, labels)
+    assert out["pixel_pairwise"] == 0 and out["feature_variance"] == pytest.approx(0, abs=1e-10)
+    half = diversity(clf, 0.5 * imgs, labels)["pixel_pairwise"]  # a distance: scales with the images
+    assert half == pytest.approx(0.5 * diversity(clf, imgs, labels)["pixel_pairwise"], rel=1e-6)
     assert diversity(clf, imgs[:1].expand(4, -1, -1, -1), labels[:4] * 0)["pixel_pairwise"] == 0.0
