@@ -153,3 +153,20 @@ def check_nonnegative_int(name: str, value) -> None:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, found {value!r}")
+
+
+def require(flag: str, value) -> None:
+    """A "required" option: a field that defaults to None, named by its flag when it is missing."""
+    if value is None:
+        raise ValueError(f"{flag} is required")
+
+
+def check_text(name: str, value) -> None:
+    """An optional string option (None, or a non-empty string)."""
+    if value is not None and not (isinstance(value, str) and value):
+        raise ValueError(f"{name} must be a non-empty string, found {value!r}")
+
+
+def check_flag(name: str, value) -> None:
+    if type(value) is not bool:
+        raise ValueError(f"{name} must be true or false, found {value!r}")

@@ -26,14 +26,17 @@ from pathlib import Path
 
 import torch
 
-from scoreaction.cli.options import add_config_args, add_options, assemble
+from scoreaction.cli.options import add_config_args, add_options, assemble, flag_dest
 from scoreaction.config import (
     Options,
     check_choice,
+    check_flag,
     check_nonnegative,
     check_nonnegative_int,
     check_positive_int,
+    check_text,
     option,
+    require,
 )
 from scoreaction.feedback.server import listen, url_of
 from scoreaction.feedback.store import PreferenceStore
@@ -43,23 +46,6 @@ STRATEGIES = ("random", "disagreement")
 
 
 # --- validation helpers shared with cli/reward.py ----------------------------------------------------
-def require(flag: str, value) -> None:
-    """A "required" option: a field that defaults to None, named by its flag when it is missing."""
-    if value is None:
-        raise ValueError(f"{flag} is required")
-
-
-def check_text(name: str, value) -> None:
-    """An optional string option (None, or a non-empty string)."""
-    if value is not None and not (isinstance(value, str) and value):
-        raise ValueError(f"{name} must be a non-empty string, found {value!r}")
-
-
-def check_flag(name: str, value) -> None:
-    if type(value) is not bool:
-        raise ValueError(f"{name} must be true or false, found {value!r}")
-
-
 def check_labeler(opts) -> None:
     """The simulated labeler's options (utility, temperature, error_rate, tie_margin) of `opts`."""
     check_text("utility", opts.utility)
@@ -72,12 +58,6 @@ def check_labeler(opts) -> None:
 
 def help_of(cls, name: str) -> str:
     return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"]
-
-
-def flag_dest(name: str) -> str:
-    """The argparse dest under which cli/options.py collects a top-level option (for the positional NAME
-    and the `--in` spelling, which add_options cannot derive)."""
-    return f"opt::{name}"
 
 
 # --- the options of each action ------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def add_options(parser: argparse.ArgumentParser, cls, section: str | None = None
     for f, kind in flag_fields(cls):
         if f.name in skip:
             continue
-        dest = f"opt:{section or ''}:{f.name}"
+        dest = flag_dest(f.name, section)
         flag = "--" + f.name.replace("_", "-")
         default = _default(f)
         text = f"{f.metadata['help']} (default {default})" if default not in (None, "") else f.metadata["help"]
@@ -66,6 +66,12 @@ def add_options(parser: argparse.ArgumentParser, cls, section: str | None = None
         else:
             group.add_argument(flag, dest=dest, type=kind, default=None, metavar=kind.__name__.upper(),
                                help=text.replace("%", "%%"))
+
+
+def flag_dest(name: str, section: str | None = None) -> str:
+    """The argparse dest under which `flag_values` collects an option: for a spelling `add_options` cannot
+    derive (a positional, or a flag named after a keyword such as `--in`), add the argument by hand with it."""
+    return f"opt:{section or ''}:{name}"
 
 
 def flag_values(args: argparse.Namespace) -> dict:

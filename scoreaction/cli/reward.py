@@ -22,9 +22,18 @@ from dataclasses import dataclass
 import torch
 
 from scoreaction import __version__
-from scoreaction.cli.feedback import check_flag, check_labeler, check_text, require
+from scoreaction.cli.feedback import check_labeler
 from scoreaction.cli.options import add_config_args, add_options, assemble
-from scoreaction.config import Options, check_choice, check_nonnegative_int, check_positive_int, option
+from scoreaction.config import (
+    Options,
+    check_choice,
+    check_flag,
+    check_nonnegative_int,
+    check_positive_int,
+    check_text,
+    option,
+    require,
+)
 from scoreaction.rewards.preference import ARCH_DEFAULTS, ARCHITECTURES, FitConfig
 
 SIMULATED_TASKS = ("gaussian", "mixture", "digits")
