@@ -140,7 +140,7 @@ def test_quick_digits_bench_compares_the_algorithms_on_one_learned_reward(tmp_pa
     text = (tmp_path / "digits.md").read_text()
     results = json.loads((tmp_path / "digits.json").read_text())
     assert (tmp_path / "digits.png").read_bytes()[:8] == PNG_MAGIC and "](digits.png)" in text
-    assert f"```\nscoreaction bench --task digits --out {tmp_path} --quick\n```" in text.split("## Settings")[0]
+    assert f"```\nscoreaction bench --task digits --quick --out {tmp_path}\n```" in text.split("## Settings")[0]
     assert [r["algorithm"] for r in results["runs"]] == list(bench_digits.ALGORITHMS)
     unit = results["utility_std_pretrained"]
     for r in results["runs"]:
@@ -151,4 +151,4 @@ def test_quick_digits_bench_compares_the_algorithms_on_one_learned_reward(tmp_pa
         assert f"| {r['algorithm']} | {j_gain:+.3f} | {last['utility'] - first['utility']:+.3f} " \
                f"({(last['utility'] - first['utility']) / unit:+.2f}) |" in text
     assert all(math.isfinite(v) for v in numbers(results))
-    assert main(["bench", "--task", "points"]) == 2 and "--task must be 'digits'" in capsys.readouterr().err
+    assert main(["bench", "--task", "points"]) == 2 and "--task must be one of ['exact', 'digits'], found 'points'" in capsys.readouterr().err
