@@ -134,3 +134,23 @@ def slope(steps, errors) -> float:
     y = -torch.log(torch.as_tensor(errors, dtype=torch.float64))
     x = x - x.mean()
     return float((x * (y - y.mean())).sum() / (x**2).sum())
+
+
+def run_cli(capsys, *argv):
+    """`scoreaction ARGV` in this process: (exit code, stdout, stderr); argparse's usage errors included."""
+    from scoreaction.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, *fragments):
+    """The CLI's promise for bad input: exit code 2 and one line on stderr that names what was wrong."""
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("scoreaction: error: "), err
+    for fragment in fragments:
+        assert fragment in err, err

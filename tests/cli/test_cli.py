@@ -7,15 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import run_cli as run
 
 from scoreaction.cli import main
 from scoreaction.tasks import make_task
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_help_lists_commands(capsys):

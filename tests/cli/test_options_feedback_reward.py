@@ -9,8 +9,10 @@ import json
 import numpy as np
 import pytest
 import yaml
+from helpers import one_line_error
+from helpers import run_cli as run
 
-from scoreaction.cli import build_parser, main
+from scoreaction.cli import build_parser
 from scoreaction.cli.reward import FitOptions
 from scoreaction.feedback.store import PreferenceStore
 from scoreaction.rewards.preference import FitConfig, load_comparisons
@@ -34,22 +36,6 @@ OLD_FLAGS = {
                              "--tie-margin", "--seed"],
     ("reward", "bench"): ["--out", "--quick", "--seeds", "--workers", "-q", "--quiet"],
 }
-
-
-def run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's usage errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, *fragments):
-    assert code == 2
-    assert err.count("\n") == 1 and err.startswith("scoreaction: error: "), err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict:

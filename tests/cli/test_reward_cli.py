@@ -5,25 +5,13 @@ import json
 
 import pytest
 import torch
+from helpers import one_line_error
+from helpers import run_cli as run
 
-from scoreaction.cli import main
 from scoreaction.feedback.labelers import SimulatedLabeler, make_utility
 from scoreaction.rewards.preference import Comparisons, load_comparisons, load_reward_model, save_comparisons
 
 FAST = ["--ensemble", "2", "--epochs", "2", "--min-steps", "60"]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code, err, *fragments):
-    assert code == 2
-    assert err.count("\n") == 1 and err.startswith("scoreaction: error: "), err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import sys
 import httpx
 import numpy as np
 import pytest
+from helpers import run_cli as run
 
 from scoreaction.cli import main
 from scoreaction.evaluation import sample_with
@@ -18,15 +19,6 @@ from scoreaction.feedback.store import PreferenceStore
 from scoreaction.train.loop import Trainer
 
 pytest_plugins = ["feedback_fixtures"]  # store, make_store, live_server
-
-
-def run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's usage errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_a_store_from_init_to_export_and_import(tmp_path, capsys):
