@@ -72,7 +72,7 @@ class StoreOptions(Options):
         check_text("store", self.store)
 
     def open(self) -> PreferenceStore:
-        return PreferenceStore(self.store, create=getattr(self, "create", False))
+        return PreferenceStore(self.store)
 
 
 @dataclass
@@ -84,6 +84,9 @@ class NewStoreOptions(StoreOptions):
     def __post_init__(self):
         super().__post_init__()
         check_flag("create", self.create)
+
+    def open(self) -> PreferenceStore:
+        return PreferenceStore(self.store, create=self.create)
 
 
 @dataclass
@@ -253,9 +256,8 @@ def sample_items(opts: AddItemsOptions) -> tuple[torch.Tensor, torch.Tensor | No
         model = opts.model or f"pretrained:{task.name}"
         pretrained = True
     x, _ = sample_with(policy, task, opts.solver, opts.steps, opts.n, opts.seed, pretrained=pretrained, dtype=dtype)
-    cond = None
-    if hasattr(task, "sample_conditions"):  # the labels sample_with drew: the first draw of the same generator
-        cond = task.sample_conditions(opts.n, generator=torch.Generator().manual_seed(opts.seed))
+    # the conditions sample_with drew: the first draw of the same generator (None for unconditional tasks)
+    cond = task.sample_conditions(opts.n, generator=torch.Generator().manual_seed(opts.seed))
     return x.float(), cond, task.name, model
 
 
