@@ -39,12 +39,14 @@ def solver_gain(policy: ScoreAsAction, task, solver: str, steps: int, n: int = 4
 
 
 @torch.no_grad()
-def objective(policy: ScoreAsAction, task, steps: int = 200, n: int = 4096, seed: int = 0, dtype=torch.float32) -> dict:
-    """J(theta) = E[r(X_T)] - beta_KL KL (Eq. E5) by Euler-Maruyama rollouts on a uniform grid, with the
-    fraction of the achievable improvement closed and distances to p* where the task knows them."""
+def objective(policy: ScoreAsAction, task, steps: int = 200, n: int = 4096, seed: int = 0, dtype=torch.float32,
+              device: str | torch.device = "cpu") -> dict:
+    """J(theta) = E[r(X_T)] - beta_KL KL (Eq. E5) by rollouts of the policy's kernel on the task's uniform grid,
+    with the fraction of the achievable improvement closed and distances to p* where the task knows them."""
     gen = torch.Generator().manual_seed(seed)
     x0, cond = task.start(n, generator=gen, dtype=dtype)
-    traj = policy.rollout(x0, make_grid("uniform", task.path, steps), cond, generator=gen)
+    x0, cond = x0.to(device), None if cond is None else cond.to(device)
+    traj = policy.rollout(x0, task.grid("uniform", steps), cond, generator=gen)
     r = task.reward(traj.x_final, cond)
     J = r - task.beta_kl * traj.path_kl
     out = {"reward": float(r.mean()), "path_kl": float(traj.path_kl.mean()), "J": float(J.mean()),

@@ -360,8 +360,11 @@ class Discrete(GaussianPath):
         return -2.0 * self._dlog_alpha(s) * torch.exp(2.0 * self._log_alpha(s))
 
     def timestep(self, s: Time) -> torch.Tensor:
-        """Fractional step index (0-based) of diffusion time s, as diffusers networks take it."""
-        return as_time(s) / self.T * self.N - 1.0
+        """Step index (0-based) of diffusion time s, as diffusers networks take it: exact integers on the
+        knots s = (i + 1) T / N (round-off within 1e-6 is snapped, so a 20-step grid hands the network 649,
+        not 648.9999999999999), fractional between them."""
+        i = as_time(s) / self.T * self.N - 1.0
+        return torch.where((i - i.round()).abs() < 1e-6, i.round(), i)
 
     def config(self) -> dict:
         return {"name": self.name, "T": self.T, "alphas_cumprod": torch.exp(self._log_ab[1:]).tolist()}

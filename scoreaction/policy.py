@@ -6,12 +6,12 @@ diffusion time s = T - t.
 Notation, defined once:
     mu      = mu_theta(s, x, c), the action of the fine-tuned policy (a score);
     s_pre   = s_pre(s, x, c), the pretrained score (the reference policy's action);
-    mean    = x + [ -f(s, x) + (1 + eta^2)/2 g(s)^2 mu ] dt        (one Euler step of E3)
-    std     = eta g(s) sqrt(dt)            if eta > 0   (Eq. E4: the Brownian increment is the exploration)
-            = 1/2 g(s)^2 dt sigma_a        if eta = 0   (explicit action noise a = mu + sigma_a xi)
+    mean    = a x + b mu, std: the Gaussian kernel (`sde.step_coefficients`): `em`, one Euler step of E3
+              (Eq. E4: mean = x + [ -f(s, x) + (1 + eta^2)/2 g(s)^2 mu ] dt, std = eta g(s) sqrt(dt)), or
+              `ddim`, diffusers' DDIM(eta) step; with eta = 0, std = b sigma_a (explicit action noise)
     log_prob = log N(x_next; mean, std^2 I), summed over all dimensions of a sample
-    kl       = ||mean - mean_pre||^2 / (2 std^2) = kappa(t) ||mu - s_pre||^2 dt     (Eq. E6, per step)
-    kappa(t) = (1 + eta^2)^2 / (8 eta^2) g(T - t)^2.
+    kl       = ||mean - mean_pre||^2 / (2 std^2) = ||b (mu - s_pre)||^2 / (2 std^2)    (Eq. E6, per step;
+               for `em` this is kappa(t) ||mu - s_pre||^2 dt, kappa(t) = (1 + eta^2)^2 / (8 eta^2) g(T - t)^2)
 
 The log-prob is the full (summed) Gaussian log-density of the transition; it equals
 log pi_theta(a_k | t_k, X_k) up to a constant that cancels in every ratio.
@@ -30,7 +30,7 @@ from scoreaction.models import ScoreModel
 from scoreaction.models.frozen import attach_frozen
 from scoreaction.paths import GaussianPath, as_time, coef_like
 from scoreaction.samplers.grids import check_grid
-from scoreaction.sde import drift, kappa, transition_std
+from scoreaction.sde import KERNELS, kappa, step_coefficients
 
 
 @dataclass
@@ -83,6 +83,20 @@ class Trajectory:
     def steps(self) -> int:
         return len(self.ts) - 1
 
+    @classmethod
+    def cat(cls, parts: list["Trajectory"]) -> "Trajectory":
+        """Rollouts of several chunks of one batch on the same grid, as one batch."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def join(name):
+            values = [getattr(p, name) for p in parts]
+            if values[0] is None or name == "ts":
+                return values[0]
+            return torch.cat(values, dim=0 if name == "cond" else 1)
+
+        return cls(**{f.name: join(f.name) for f in fields(cls)})
+
     def to(self, *args, **kwargs) -> "Trajectory":
         return Trajectory(**{f.name: (v.to(*args, **kwargs) if torch.is_tensor(v) else v)
                              for f in fields(self) for v in [getattr(self, f.name)]})
@@ -102,15 +116,35 @@ class ScoreAsAction(nn.Module):
     """
 
     def __init__(self, path: GaussianPath, pretrained: ScoreModel, action: ActionFn | nn.Module | None = None,
-                 eta: float = 1.0, action_noise: float = 0.0):
+                 eta: float = 1.0, action_noise: float = 0.0, kernel: str = "em"):
         super().__init__()
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, found {eta}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, found {kernel!r}")
         if eta == 0 and not action_noise > 0:
             raise ValueError(f"eta = 0 (ODE rollouts) needs explicit action noise sigma_a > 0, found {action_noise}")
         attach_frozen(self, "pretrained", pretrained)
         self.path, self.action = path, action
-        self.eta, self.action_noise = float(eta), float(action_noise)
+        self.eta, self.action_noise, self.kernel = float(eta), float(action_noise), kernel
+
+    # --- what a checkpoint holds: the trainable weights only (LoRA adapters, not the frozen network) ---
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable(self, tensors: dict[str, torch.Tensor], what: str) -> None:
+        """Load trainable weights after checking every key and shape (one-line errors starting with `what`)."""
+        expected = self.trainable_state()
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise ValueError(f"{what}: missing tensor {missing[0]!r}")
+        for key, value in expected.items():
+            if tensors[key].shape != value.shape:
+                raise ValueError(f"{what}: {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(value.shape)}")
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name in expected:
+                    p.copy_(tensors[name].to(p.dtype))
 
     # --- the action and its reference --------------------------------------------------------
     def score(self, s, x: torch.Tensor, cond: torch.Tensor | None = None, s_pre: torch.Tensor | None = None
@@ -132,9 +166,17 @@ class ScoreAsAction(nn.Module):
     # --- transitions (Eq. E4) ------------------------------------------------------------------
     # t0, t1 are RL times: floats for a whole batch, or tensors of shape (B,) with one time per sample
     # (minibatches of transitions drawn from different steps).
+    def coefficients(self, t0, t1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a, b, std) of the kernel's Gaussian transition N(a x + b mu, std^2 I) from RL time t0 to t1."""
+        a, b, std = step_coefficients(self.path, t0, t1, self.eta, self.action_noise, self.kernel)
+        if not torch.all(std > 0):
+            raise ValueError(f"the {self.kernel} kernel adds no noise on a step from RL time {float(as_time(t0).min())} "
+                             f"to {float(as_time(t1).max())} (diffusion time 0 under ddim): end the grid before the data")
+        return a, b, std
+
     def transition_std(self, t0, t1) -> torch.Tensor:
-        """Std of the transition from RL time t0 to t1 (Eq. E4, `sde.transition_std`)."""
-        return transition_std(self.path, t0, t1, self.eta, self.action_noise)
+        """Std of the transition from RL time t0 to t1 (Eq. E4 for `em`)."""
+        return self.coefficients(t0, t1)[2]
 
     def kappa(self, t) -> torch.Tensor:
         """kappa(t) = (1 + eta^2)^2 / (8 eta^2) g(T - t)^2 (Eq. E6); eta > 0 only."""
@@ -143,20 +185,18 @@ class ScoreAsAction(nn.Module):
     def transition(self, t0, t1, x: torch.Tensor, cond=None, s_pre: torch.Tensor | None = None):
         """(mean, std, mu, s_pre) of the Gaussian transition from RL time t0 to t1; pass `s_pre` (the
         pretrained score at (t0, x), e.g. cached in a Trajectory) to skip the pretrained model."""
-        s0, dt = self.path.T - as_time(t0), as_time(t1) - as_time(t0)
+        s0 = self.path.T - as_time(t0)
         if s_pre is None:
             s_pre = self.pretrained_score(s0, x, cond)
         mu = self.score(s0, x, cond, s_pre=s_pre)
-        mean = x + drift(self.path, s0, x, mu, self.eta) * coef_like(dt, x)
-        return mean, self.transition_std(t0, t1).to(x), mu, s_pre
+        a, b, std = self.coefficients(t0, t1)
+        return coef_like(a, x) * x + coef_like(b, mu) * mu.to(x.dtype), std.to(x), mu, s_pre
 
     def kl(self, t0, t1, mu: torch.Tensor, s_pre: torch.Tensor) -> torch.Tensor:
-        """Per-step KL ||mean - mean_pre||^2 / (2 std^2) from mu - s_pre, without cancellation, (B,).
-
-        For eta > 0 this is kappa(t0) ||mu - s_pre||^2 dt (Eq. E6); differentiable in mu."""
-        t0, t1 = as_time(t0), as_time(t1)
-        scale = 0.5 * (1 + self.eta**2) * self.path.g2(self.path.T - t0) * (t1 - t0) / self.transition_std(t0, t1)
-        return 0.5 * _sum((coef_like(scale, mu) * (mu - s_pre)) ** 2)
+        """Per-step KL ||mean - mean_pre||^2 / (2 std^2) = ||b (mu - s_pre)||^2 / (2 std^2), without
+        cancellation, (B,); for `em` with eta > 0 this is kappa(t0) ||mu - s_pre||^2 dt (Eq. E6). Differentiable in mu."""
+        _, b, std = self.coefficients(t0, t1)
+        return 0.5 * _sum((coef_like(b / std, mu) * (mu - s_pre)) ** 2)
 
     def log_prob(self, t0, t1, x: torch.Tensor, x_next: torch.Tensor, cond=None) -> torch.Tensor:
         """log pi_theta(x_next | x) under the CURRENT parameters: re-scores stored transitions, (B,)."""
@@ -168,10 +208,11 @@ class ScoreAsAction(nn.Module):
         """Draw X_{k+1} = mean + std z, z ~ N(0, I), with its log-prob, per-step KL and Tweedie x0_hat."""
         mean, std, mu, s_pre = self.transition(t0, t1, x, cond)
         if noise is None:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            noise = draw_normal(x, generator)
         x_next = mean + coef_like(std, x) * noise
         log_prob = gaussian_log_prob(x_next, mean, std)
-        mean_pre = x + drift(self.path, self.path.T - as_time(t0), x, s_pre, self.eta) * coef_like(as_time(t1) - as_time(t0), x)
+        a, b, _ = self.coefficients(t0, t1)
+        mean_pre = coef_like(a, x) * x + coef_like(b, x) * s_pre.to(x.dtype)
         return StepOutput(x_next=x_next, mean=mean, std=std, noise=noise, log_prob=log_prob,
                           kl=self.kl(t0, t1, mu, s_pre), log_ratio=log_prob - gaussian_log_prob(x_next, mean_pre, std),
                           x0_hat=self.path.tweedie(mu, self.path.T - as_time(t0), x), s_pre=s_pre)
@@ -207,6 +248,13 @@ class ScoreAsAction(nn.Module):
             mean, std, _, _ = self.transition(float(traj.ts[k]), float(traj.ts[k + 1]), traj.xs[k], traj.cond, s_pre)
             out.append(gaussian_log_prob(traj.xs[k + 1], mean, std))
         return torch.stack(out)
+
+
+def draw_normal(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """z ~ N(0, I) shaped like x, drawn on the generator's device and moved to x's: the same seed gives the same
+    noise on every device."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
 def _sum(v: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scoreaction.tasks.base import Task, TaskConfig
+from scoreaction.tasks.diffusers import DiffusersConfig, DiffusersTask
 from scoreaction.tasks.digits import DigitsConfig, DigitsTask
 from scoreaction.tasks.gaussian import GaussianConfig, GaussianTask
 from scoreaction.tasks.mixture import MixtureConfig, MixtureTask
@@ -65,6 +66,8 @@ register_task(GaussianTask, GaussianConfig, "N(m, S) data in any dimension, quad
 register_task(MixtureTask, MixtureConfig, "Gaussian-mixture data (2-D default), quadratic reward; exact p* sampler (E22)")
 register_task(DigitsTask, DigitsConfig,
               "class-conditional 8x8 digits: our UNet (CFG), reward log p(class | x) of our classifier")
+register_task(DiffusersTask, DiffusersConfig,
+              "a text-to-image diffusers pipeline (SD 1.x/2.x, SD3; tiny-sd, tiny-sd3 built in) with LoRA, image rewards")
 
 __all__ = ["TASKS", "Task", "TaskConfig", "make_task", "register_task", "task_config", "GaussianTask", "MixtureTask",
-           "DigitsTask"]
+           "DigitsTask", "DiffusersTask"]

@@ -19,6 +19,7 @@ from scoreaction.models.analytic import MixtureScore
 from scoreaction.models.residual import MLP, point_action
 from scoreaction.paths import GaussianPath, make_path
 from scoreaction.rewards import QuadraticReward, RewardModel
+from scoreaction.samplers import make_grid
 from scoreaction.tasks import tilt
 
 
@@ -83,6 +84,22 @@ class Task:
         if cond is not None and group > 1:
             cond = cond.repeat_interleave(group)
         return self.prior_sample(n, generator=generator, dtype=dtype), cond
+
+    def grid(self, name: str, steps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The RL-time grid of rollouts and evaluation (samplers/grids.py; only `random` uses the generator)."""
+        return make_grid(name, self.path, steps, generator)
+
+    def images(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Final samples as images in [0, 1], (B, C, H, W) (decoded for latent tasks), or None where samples are
+        not images (points)."""
+        return None
+
+    def to(self, device: str | torch.device) -> "Task":
+        """Move what the task computes with (its pretrained model and reward, where they are modules)."""
+        for part in (self.pretrained, self.reward):
+            if isinstance(part, nn.Module):
+                part.to(device)
+        return self
 
     # --- what fine-tuning trains ------------------------------------------------------------------
     def make_action(self, hidden: int = 128) -> nn.Module:

@@ -363,6 +363,10 @@ class DigitsTask(Task):
             raise ValueError(f"number of conditions must be a positive integer, found {n!r}")
         return self.classes[torch.randint(len(self.classes), (n,), generator=generator)]
 
+    def images(self, x: torch.Tensor) -> torch.Tensor:
+        """Grey levels in [-1, 1] -> [0, 1]."""
+        return (x.clamp(-1, 1) + 1) / 2
+
     def make_action(self, hidden: int = 128) -> nn.Module:
         """mu_theta(s, x, c), starting exactly at the pretrained score (Eq. E3): a trainable copy of the
         guided UNet (`action: full`) or the frozen one plus a zero-initialised conv net on eps (`residual`)."""

@@ -20,6 +20,8 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from scoreaction.algorithms import AlgorithmConfig, algorithm_class
 from scoreaction.config import (
     Options,
@@ -30,9 +32,32 @@ from scoreaction.config import (
     option,
 )
 from scoreaction.samplers import GRIDS
+from scoreaction.sde import KERNELS
 from scoreaction.tasks import TaskConfig, task_config
 
 DTYPES = ("float32", "float64")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def check_device(device: str) -> None:
+    base, _, index = str(device).partition(":")
+    if base not in DEVICES or (index and (base != "cuda" or not index.isdigit())):
+        raise ValueError(f"device must be one of {DEVICES} or cuda:N, found {device!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` -> cuda if available, else mps, else cpu; asking for a device that is not there is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else
+                            "mps" if torch.backends.mps.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but torch finds no CUDA GPU here (torch "
+                         f"{torch.__version__}; use device=cpu or auto)")
+    if device.startswith("cuda") and ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for, but torch finds no MPS backend here (use device=cpu or auto)")
+    return torch.device(device)
 LR_SCHEDULES = ("constant", "linear")
 
 
@@ -43,11 +68,23 @@ class TrainConfig(Options):
     algorithm: str = option("ctrl", help="fine-tuning algorithm: ctrl, ctpg, ddpo, dpok, grpo or draft")
     algo: AlgorithmConfig | dict = option(factory=dict, flag=False, help="the algorithm's options, e.g. {lr: 1e-3}")
     steps: int = option(20, help="K, steps of the rollout grid")
-    grid: str = option("uniform", help="RL-time grid of the rollouts: " + ", ".join(GRIDS))
+    grid: str = option("uniform", help="RL-time grid of the rollouts: " + ", ".join(GRIDS) + ", or scheduler (a "
+                                       "diffusers pipeline's own timesteps)")
     batch_size: int = option(256, help="rollouts per update")
     updates: int = option(100, help="policy updates in the whole run")
     seed: int = option(0, help="random seed of the run")
-    dtype: str = option("float32", help="float32 or float64")
+    dtype: str = option("float32", help="float32 or float64 (trainable weights and rollouts; see task.precision "
+                                         "for the frozen weights of a diffusers pipeline)")
+    device: str = option("auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps: the policy, the "
+                                      "pretrained model and the reward all move there")
+    kernel: str = option("em", help="transition kernel of the rollouts: em (Euler-Maruyama, Eq. E4) or ddim "
+                                    "(diffusers' DDIM(eta) step, as DDPO and TRL sample)")
+    rollout_batch: int | None = option(None, help="rollouts generated per forward pass (default: the whole batch)")
+    micro_batch: int | None = option(None, help="transitions per backward pass: gradients are accumulated over "
+                                                "micro-batches, so each optimiser step is unchanged (default: "
+                                                "the whole minibatch)")
+    tensorboard: bool = option(True, help="also log to RUN/tensorboard (scalars every update, images of image tasks)")
+    image_every: int = option(10, help="log sample images to TensorBoard every N updates (0: never)")
     hidden: int = option(128, help="width of the default residual action and value MLPs")
     action_noise: float = option(0.0, help="sigma_a, explicit action noise of eta = 0 rollouts")
     lr_schedule: str = option("constant", help="the policy's learning rate: constant, or linear from algo.lr to 0 "
@@ -72,13 +109,15 @@ class TrainConfig(Options):
                              f"found {type(self.algo).__name__}")
         for name in ("steps", "batch_size", "updates", "hidden", "max_skipped"):
             check_positive_int(name, getattr(self, name))
-        for name in ("eval_n", "eval_steps"):
+        for name in ("eval_n", "eval_steps", "rollout_batch", "micro_batch"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
-        for name in ("eval_every", "checkpoint_every", "seed"):
+        for name in ("eval_every", "checkpoint_every", "seed", "image_every"):
             check_nonnegative_int(name, getattr(self, name))
-        check_choice("grid", self.grid, GRIDS)
+        check_choice("grid", self.grid, (*GRIDS, "scheduler"))
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("kernel", self.kernel, KERNELS)
+        check_device(self.device)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_nonnegative("action_noise", self.action_noise)
         group = self.algo.samples_per_condition

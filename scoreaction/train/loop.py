@@ -6,10 +6,17 @@
 Clock: RL time t for grids and rollouts. A reward that returns NaN/inf skips the update (the weights
 never see it) and `max_skipped` such batches in a row stop the run; a reward of the wrong shape or
 dtype stops it at once, with a message naming the update.
+
+Memory: rollouts run in chunks of `rollout_batch`, and each minibatch's loss in micro-batches of
+`micro_batch` transitions whose gradients accumulate (weighted by size, so the optimiser step is the
+one a single pass over the minibatch gives: every algorithm's loss is a mean over its items). The
+device (`device`) holds the policy, the pretrained model and the reward; random draws come from one
+CPU generator, so a seed gives the same rollouts on every device.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import resource
@@ -23,12 +30,11 @@ from scoreaction.algorithms import Batch, make_algorithm
 from scoreaction.config import merge
 from scoreaction.errors import ScoreactionError
 from scoreaction.evaluation import objective
-from scoreaction.io import atomic_write_bytes, load_matching
-from scoreaction.policy import ScoreAsAction
-from scoreaction.samplers import make_grid
+from scoreaction.io import atomic_write_bytes
+from scoreaction.policy import ScoreAsAction, Trajectory
 from scoreaction.tasks import make_task
 from scoreaction.train import checkpoint
-from scoreaction.train.config import TrainConfig
+from scoreaction.train.config import TrainConfig, resolve_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 EVAL_SEED_OFFSET = 1_000_003
@@ -39,9 +45,17 @@ class NonFiniteReward(ScoreactionError):
 
 
 def build_policy(task, config: TrainConfig) -> ScoreAsAction:
-    """The trainable policy of a task: its action (Task.make_action) under the task's path and eta."""
-    return ScoreAsAction(task.path, task.pretrained, task.make_action(config.hidden), eta=task.eta,
-                         action_noise=config.action_noise)
+    """The trainable policy of a task: its action (Task.make_action) under the task's path, eta and the kernel."""
+    action = task.make_action(config.hidden)  # first: full fine-tuning may give the task a separate reference
+    return ScoreAsAction(task.path, task.pretrained, action, eta=task.eta, action_noise=config.action_noise,
+                         kernel=config.kernel)
+
+
+def cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast float32/float64 weights to dtype; frozen bf16/fp16 weights (mixed precision) stay as they are."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.dtype in (torch.float32, torch.float64):
+            t.data = t.data.to(dtype)
 
 
 def check_reward(r, n: int, update: int) -> torch.Tensor:
@@ -61,13 +75,18 @@ class Trainer:
         self.dtype = DTYPES[config.dtype]
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.device = resolve_device(config.device)
         self.task = make_task(config.task)
         self.eval_n = config.eval_n or self.task.eval_n
         self.eval_steps = config.eval_steps or self.task.eval_steps
-        self.policy = build_policy(self.task, config).to(self.dtype)
+        self.policy = build_policy(self.task, config)
+        self.task.to(self.device)
+        cast_floating(self.policy, self.dtype)
+        self.policy.to(self.device)
         self.algorithm = make_algorithm(config.algorithm, self.policy, self.task, config.algo)
         for module in self.algorithm.modules().values():
-            module.to(self.dtype)
+            cast_floating(module, self.dtype)
+            module.to(self.device)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=self.algorithm.config.lr)
         self.step, self.trajectories, self.skipped_in_row = 0, 0, 0
@@ -78,13 +97,45 @@ class Trainer:
     # --- one update ---------------------------------------------------------------------------
     def collect(self) -> Batch:
         cfg = self.config
-        ts = make_grid(cfg.grid, self.task.path, cfg.steps, generator=self.generator)
+        ts = self.task.grid(cfg.grid, cfg.steps, generator=self.generator)
         x0, cond = self.task.start(cfg.batch_size, generator=self.generator, dtype=self.dtype,
                                    group=cfg.algo.samples_per_condition)
-        traj = self.policy.rollout(x0, ts, cond, generator=self.generator)
+        x0, cond = x0.to(self.device), None if cond is None else cond.to(self.device)
+        chunk = cfg.rollout_batch or cfg.batch_size
+        traj = Trajectory.cat([self.policy.rollout(x0[i:i + chunk], ts, None if cond is None else cond[i:i + chunk],
+                                                   generator=self.generator)
+                               for i in range(0, cfg.batch_size, chunk)])
         with torch.no_grad():
             r = check_reward(self.task.reward(traj.x_final, cond), cfg.batch_size, self.step + 1)
         return Batch(traj=traj, rewards=r.to(self.dtype), beta_kl=self.task.beta_kl)
+
+    def micro_batches(self, minibatch) -> list:
+        """(part, weight) pairs of a minibatch of transitions: weights are the parts' shares of its items."""
+        size = self.config.micro_batch
+        if size is None or not hasattr(minibatch, "select") or len(minibatch) <= size:
+            return [(minibatch, 1.0)]
+        n = len(minibatch)
+        return [(minibatch.select(idx), len(idx) / n) for idx in torch.arange(n).split(size)]
+
+    def optimiser_step(self, minibatch) -> tuple[float, dict] | None:
+        """One optimiser step on a minibatch (gradients accumulated over micro-batches); None if skipped because
+        the loss or the gradient was not finite (the weights are unchanged then)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        diag: dict = {}
+        for part, weight in self.micro_batches(minibatch):
+            loss, part_diag = self.algorithm.loss(self.policy, part)
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            (loss * weight).backward()
+            for key, value in {**part_diag, "loss": loss.item()}.items():
+                diag[key] = diag.get(key, 0.0) + weight * value
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.algorithm.config.max_grad_norm)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        return float(norm), diag
 
     def update(self) -> dict:
         start = time.perf_counter()
@@ -111,20 +162,14 @@ class Trainer:
         diags, grad_norms, skipped_steps = [], [], 0
         for _ in range(self.algorithm.config.epochs):
             for mb in self.algorithm.minibatches(data, self.generator):
-                loss, diag = self.algorithm.loss(self.policy, mb)
-                self.optimizer.zero_grad(set_to_none=True)
-                if not torch.isfinite(loss):
+                done = self.optimiser_step(mb)
+                if done is None:
                     skipped_steps += 1
                     continue
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(self.params, self.algorithm.config.max_grad_norm)
-                if not torch.isfinite(norm):
-                    skipped_steps += 1
-                    continue
-                self.optimizer.step()
-                grad_norms.append(float(norm))
-                diags.append({**diag, "loss": loss.item()})
+                grad_norms.append(done[0])
+                diags.append(done[1])
         self.step += 1
+        self.last_samples = batch.traj.x_final[:8].detach()
         elapsed = time.perf_counter() - start
         objective = batch.objective
         metrics.update({
@@ -133,9 +178,18 @@ class Trainer:
             "path_kl": float(batch.traj.path_kl.mean()), "J": float(objective.mean()),
             "grad_norm": _mean(grad_norms), "skipped_steps": skipped_steps,
             "seconds": elapsed, "samples_per_s": self.config.batch_size / elapsed, "lr": lr,
+            **self.memory(),
             **{key: _mean([d[key] for d in diags if key in d]) for key in ("loss", "approx_kl", "clipfrac", "ratio_mean")},
         })
         return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+    def memory(self) -> dict:
+        """Peak memory since the last call: the device's allocator on CUDA, and the process's resident set."""
+        out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.device.type == "cuda":
+            out["peak_device_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return out
 
     def learning_rate(self) -> float:
         """The policy's learning rate for update self.step + 1: lr_u = lr (1 - (u - 1) / updates) if linear."""
@@ -147,7 +201,7 @@ class Trainer:
     # --- evaluation: J(theta) on a fine grid, whatever grid training used --------------------------
     def evaluate(self, steps: int | None = None, n: int | None = None) -> dict:
         out = objective(self.policy, self.task, steps or self.eval_steps, n or self.eval_n,
-                        seed=self.config.seed + EVAL_SEED_OFFSET, dtype=self.dtype)
+                        seed=self.config.seed + EVAL_SEED_OFFSET, dtype=self.dtype, device=self.device)
         return {f"eval_{k}": v for k, v in out.items()}
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -167,7 +221,7 @@ class Trainer:
                  "trajectories": self.trajectories, "metrics": metrics or {}, "optimizer": opt_meta,
                  "algorithm_optimizers": algo_opt_meta, "algorithm_extra": extra_meta}
         name = f"step-{self.step:06d}"
-        folder = checkpoint.save(self.run_dir / "checkpoints" / name, model=self.policy.state_dict(), train=train,
+        folder = checkpoint.save(self.run_dir / "checkpoints" / name, model=self.policy.trainable_state(), train=train,
                                  state=state)
         checkpoint.mark_latest(self.run_dir, name)
         return folder
@@ -175,7 +229,7 @@ class Trainer:
     def load(self, path: str) -> None:
         folder = checkpoint.resolve(path)
         model, train, state = checkpoint.load(folder)
-        load_matching(self.policy, model, f"checkpoint {str(folder)!r} does not match the policy")
+        self.policy.load_trainable(model, f"checkpoint {str(folder)!r} does not match the policy")
         checkpoint.load_optimizer_state(self.optimizer, "optimizer", train, state["optimizer"])
         for name, module in self.algorithm.modules().items():
             prefix = f"algo.{name}."
@@ -201,6 +255,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
         log = open(self.run_dir / "metrics.jsonl", "a")
+        board = Board(self.run_dir / "tensorboard", self.task, cfg.image_every) if cfg.tensorboard else None
         last: dict = {}
         bar = tqdm(total=cfg.updates, initial=self.step, desc=f"{cfg.algorithm} on {self.task.name}",
                    disable=not self.progress)
@@ -213,6 +268,8 @@ class Trainer:
                     metrics.update(self.evaluate())
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+                if board is not None:
+                    board.log(self.step, metrics, getattr(self, "last_samples", None))
                 last = {**last, **metrics}
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save(last)
@@ -222,9 +279,34 @@ class Trainer:
         finally:
             bar.close()
             log.close()
+            if board is not None:
+                board.close()
         last["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.save(last)
         return last
+
+
+class Board:
+    """TensorBoard beside metrics.jsonl: every numeric metric each update, and a batch's final samples as
+    images every `image_every` updates where the task's samples are images (Task.images)."""
+
+    def __init__(self, folder: Path, task, image_every: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer, self.task, self.image_every = SummaryWriter(str(folder)), task, image_every
+
+    def log(self, step: int, metrics: dict, samples: torch.Tensor | None) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                self.writer.add_scalar(key, value, step)
+        if samples is not None and self.image_every and step % self.image_every == 0:
+            with torch.no_grad():
+                images = self.task.images(samples)
+            if images is not None:
+                self.writer.add_images("samples", images.float().cpu(), step)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _mean(values: list) -> float:

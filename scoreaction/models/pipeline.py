@@ -1,0 +1,270 @@
+"""Diffusers pipelines as score models (Eq. E2): the denoiser, its Gaussian path, text conditions, guidance, LoRA.
+
+Clock: DIFFUSION time s. Two families:
+
+    unet   UNet2DConditionModel + a DDPM-type scheduler (Stable Diffusion 1.x/2.x): the scheduler's
+           `alphas_cumprod` is the discrete VP path (paths.Discrete; step index i sits at s = (i + 1) / N), the
+           network takes the step index (`Discrete.timestep`: exact integers on the scheduler's knots) and
+           predicts eps (`epsilon`), x0 (`sample`) or v = alpha eps - sigma x0 (`v_prediction`).
+    sd3    SD3Transformer2DModel + FlowMatchEulerDiscreteScheduler (Stable Diffusion 3): the rectified-flow
+           path x_s = (1 - s) x0 + s eps (paths.RectifiedFlow), time input 1000 s, and the network predicts the
+           velocity dx_s/ds = eps - x0, converted to a score.
+
+Conditions are prompt indices (a LongTensor (B,)) into a `Prompts` table whose text embeddings the pipeline's
+own encoders compute once per prompt. Classifier-free guidance mixes the conditional and unconditional
+(negative-prompt) predictions, pred = u + w (c - u); the guided prediction is the action, for the fine-tuned
+policy and its reference alike (as DDPO and the papers do). With LoRA (peft), the reference is the same network
+with its adapters disabled, not a second copy in memory.
+
+The built-in `tiny-sd` and `tiny-sd3` are randomly initialised pipelines of the two architectures, built from
+configs with a fixed seed (as diffusers' own tests build theirs); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scoreaction.errors import ScoreactionError
+from scoreaction.paths import Discrete, GaussianPath, RectifiedFlow, as_time
+
+TINY = ("tiny-sd", "tiny-sd3")
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+ADAPTER = "scoreaction"
+PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow": "velocity"}
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def build_tiny(name: str, seed: int = 0):
+    """A randomly initialised pipeline of the SD-1.5 (`tiny-sd`) or SD3 (`tiny-sd3`) architecture: 8x8x4
+    latents (32 px images), tiny text encoders; identical weights for identical seeds."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from scoreaction.models.tiny_clip import tiny_tokenizer
+
+    torch.manual_seed(seed)
+    vae_options = dict(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
+                       down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    text = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-5,
+                num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=len(tiny_tokenizer()))
+    if name == "tiny-sd":
+        unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                                    out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                    norm_num_groups=2)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=1)
+        return StableDiffusionPipeline(unet=unet, scheduler=scheduler, vae=AutoencoderKL(**vae_options),
+                                       text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tiny_tokenizer(),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if name == "tiny-sd3":
+        transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                            num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                            pooled_projection_dim=64, out_channels=4)
+        encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=32)) for _ in range(2)]
+        return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                        vae=AutoencoderKL(**vae_options, shift_factor=0.0609, scaling_factor=1.5035),
+                                        text_encoder=encoders[0], tokenizer=tiny_tokenizer(), text_encoder_2=encoders[1],
+                                        tokenizer_2=tiny_tokenizer(), text_encoder_3=None, tokenizer_3=None)
+    raise ScoreactionError(f"tiny model must be one of {TINY}, found {name!r}")
+
+
+def load_pipeline(model: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A built-in tiny pipeline by name, or a diffusers pipeline from a local folder (`local_files_only`:
+    nothing is fetched). Every failure is one line naming the folder and what was expected."""
+    if model in TINY:
+        pipe = build_tiny(model, seed)
+        return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    folder = Path(model)
+    if not folder.exists():
+        raise ScoreactionError(f"model must be a local diffusers pipeline folder or one of {TINY}, "
+                               f"found {model!r} (no such folder)")
+    if not (folder / "model_index.json").is_file():
+        raise ScoreactionError(f"model folder {model!r} is not a diffusers pipeline (expected model_index.json in it)")
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ScoreactionError(f"model folder {model!r}: model_index.json is not valid JSON") from None
+    if not isinstance(index, dict) or not ({"unet", "transformer"} & set(index)):
+        raise ScoreactionError(f"model folder {model!r}: expected a pipeline with a 'unet' or 'transformer', "
+                               f"found components {sorted(index) if isinstance(index, dict) else index!r}")
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype,
+                                                 safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as err:
+        raise ScoreactionError(f"model folder {model!r} could not be loaded as a diffusers pipeline: "
+                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def family_of(pipe) -> tuple[str, GaussianPath, str]:
+    """(family, Gaussian path, prediction kind) of a pipeline, from its denoiser and scheduler."""
+    scheduler = pipe.scheduler
+    if getattr(pipe, "transformer", None) is not None:
+        if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            raise ScoreactionError(f"a transformer pipeline needs FlowMatchEulerDiscreteScheduler (rectified flow), "
+                                   f"found {type(scheduler).__name__}")
+        if scheduler.config.get("use_dynamic_shifting", False):
+            raise ScoreactionError("FlowMatchEulerDiscreteScheduler with use_dynamic_shifting is not supported "
+                                   "(expected a fixed shift, as SD3)")
+        return "sd3", RectifiedFlow(T=1.0 - 1.0 / scheduler.config.num_train_timesteps), "velocity"
+    if getattr(pipe, "unet", None) is None:
+        raise ScoreactionError(f"pipeline {type(pipe).__name__} has neither a unet nor a transformer")
+    if getattr(scheduler, "alphas_cumprod", None) is None:
+        raise ScoreactionError(f"unsupported scheduler {type(scheduler).__name__}: expected a DDPM-type scheduler "
+                               f"with alphas_cumprod (DDIM, DDPM, PNDM, Euler, ...)")
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind not in ("epsilon", "sample", "v_prediction"):
+        raise ScoreactionError(f"unsupported prediction type {kind!r}: expected epsilon, sample or v_prediction")
+    return "unet", Discrete(scheduler.alphas_cumprod.double().numpy()), PREDICTIONS[kind]
+
+
+# --- text conditions ----------------------------------------------------------------------------
+
+class Prompts:
+    """Prompt strings and their text embeddings, computed once per prompt by the pipeline's encoders.
+
+    `cond` tensors are indices into `texts`; `add` appends new prompts (e.g. for sampling) and returns their
+    indices. `embed(ids)` gives the denoiser's keyword arguments for those prompts; `negative(n)` those of the
+    negative prompt (the unconditional branch of guidance)."""
+
+    def __init__(self, pipe, family: str, texts: list[str], negative_prompt: str = ""):
+        self.pipe, self.family, self.texts = pipe, family, []
+        self.table: dict[str, list[torch.Tensor]] = {}
+        self.uncond = self._encode([negative_prompt])
+        self.add(texts)
+
+    @torch.no_grad()
+    def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        device = self.pipe.text_encoder.device if self.pipe.text_encoder is not None else "cpu"
+        if self.family == "unet":
+            emb, _ = self.pipe.encode_prompt(texts, device, 1, False)
+            return {"encoder_hidden_states": emb}
+        emb, _, pooled, _ = self.pipe.encode_prompt(texts, texts, texts, device=device, num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=False, max_sequence_length=77)
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
+
+    def add(self, texts: list[str]) -> list[int]:
+        new = [t for t in dict.fromkeys(texts) if t not in self.texts]
+        if new:
+            encoded = self._encode(new)
+            for key, value in encoded.items():
+                self.table[key] = [*self.table.get(key, []), *value.unbind(0)]
+            self.texts.extend(new)
+        return [self.texts.index(t) for t in texts]
+
+    def embed(self, ids: torch.Tensor, device) -> dict[str, torch.Tensor]:
+        ids = ids.tolist()
+        return {key: torch.stack([rows[i] for i in ids]).to(device) for key, rows in self.table.items()}
+
+    def negative(self, n: int, device) -> dict[str, torch.Tensor]:
+        return {key: value.expand(n, *value.shape[1:]).to(device) for key, value in self.uncond.items()}
+
+
+# --- the denoiser as a score --------------------------------------------------------------------
+
+@contextlib.contextmanager
+def adapters_disabled(denoiser: nn.Module):
+    """The denoiser without its LoRA adapters (the pretrained network) inside the block."""
+    if not getattr(denoiser, "_hf_peft_config_loaded", False):
+        yield
+        return
+    denoiser.disable_adapters()
+    try:
+        yield
+    finally:
+        denoiser.enable_adapters()
+
+
+class DenoiserScore(nn.Module):
+    """s(s, x, c): the guided prediction of a diffusers denoiser as a score (Eq. E2), on latents (B, C, h, w).
+
+    `adapters=False` evaluates the network with its LoRA adapters disabled: the pretrained reference.
+    `amp_dtype` (bf16/fp16) runs the network under autocast; the score comes back in x's dtype."""
+
+    def __init__(self, denoiser: nn.Module, path: GaussianPath, prediction: str, family: str, prompts: Prompts,
+                 guidance_scale: float = 1.0, adapters: bool = True, amp_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.denoiser, self.path, self.prediction, self.family = denoiser, path, prediction, family
+        self.prompts, self.guidance_scale, self.adapters, self.amp_dtype = prompts, guidance_scale, adapters, amp_dtype
+
+    def time_input(self, s: torch.Tensor) -> torch.Tensor:
+        if self.family == "sd3":
+            return s * 1000.0
+        return self.path.timestep(s)
+
+    def network(self, s: torch.Tensor, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        t_in = self.time_input(s).to(device=x.device, dtype=torch.float32)
+        amp = torch.autocast(x.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        off = contextlib.nullcontext() if self.adapters else adapters_disabled(self.denoiser)
+        weight_dtype = next(self.denoiser.parameters()).dtype
+        with off, amp:
+            x_in = x if self.amp_dtype else x.to(weight_dtype)
+            kwargs = {k: v.to(weight_dtype) if v.is_floating_point() and not self.amp_dtype else v
+                      for k, v in kwargs.items()}
+            if self.family == "sd3":
+                out = self.denoiser(hidden_states=x_in, timestep=t_in, return_dict=False, **kwargs)[0]
+            else:
+                out = self.denoiser(x_in, t_in, return_dict=False, **kwargs)[0]
+        return out.to(x.dtype)
+
+    def forward(self, s, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is None:
+            raise ScoreactionError("a text-conditioned denoiser needs prompt indices as its condition, found None")
+        s = as_time(s).expand(x.shape[0]) if as_time(s).ndim == 0 else as_time(s)
+        n, kwargs = x.shape[0], self.prompts.embed(cond, x.device)
+        if self.guidance_scale == 1.0:
+            pred = self.network(s, x, kwargs)
+        else:
+            neg = self.prompts.negative(n, x.device)
+            both = {k: torch.cat([neg[k], kwargs[k]]) for k in kwargs}
+            uncond, text = self.network(torch.cat([s, s]), torch.cat([x, x]), both).chunk(2)
+            pred = uncond + self.guidance_scale * (text - uncond)
+        return self.to_score(pred, s, x)
+
+    def to_score(self, pred: torch.Tensor, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "v":  # v = alpha eps - sigma x0 on a VP path (alpha^2 + sigma^2 = 1): eps = sigma x + alpha v
+            a, sg = (c.to(x).reshape(-1, *[1] * (x.ndim - 1)) for c in (self.path.alpha(s), self.path.sigma(s)))
+            return self.path.to_score("eps", sg * x + a * pred, s, x)
+        return self.path.to_score(self.prediction, pred, s, x)
+
+
+def add_lora(denoiser: nn.Module, rank: int, alpha: float, targets: list[str]) -> None:
+    """Inject fresh LoRA adapters (B = 0: the adapted network starts exactly at the pretrained one) into the
+    denoiser, train only them, and keep them in float32 whatever the frozen weights' dtype."""
+    from peft import LoraConfig
+
+    if getattr(denoiser, "_hf_peft_config_loaded", False) and ADAPTER in denoiser.peft_config:
+        denoiser.delete_adapters(ADAPTER)
+    denoiser.requires_grad_(False)
+    try:
+        denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                        target_modules=list(targets)), adapter_name=ADAPTER)
+    except ValueError as err:
+        raise ScoreactionError(f"LoRA targets {list(targets)}: {str(err).splitlines()[0]}") from None
+    denoiser.set_adapter(ADAPTER)
+    for p in denoiser.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights in peft's naming (what diffusers' `save_lora_weights` takes)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(denoiser, adapter_name=ADAPTER)
