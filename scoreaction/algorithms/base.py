@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch import nn
 
-from scoreaction.config import Options, check_positive, check_positive_int
+from scoreaction.config import Options, check_choice, check_positive, check_positive_int
 from scoreaction.policy import ScoreAsAction, Trajectory, gaussian_log_prob
 
 if TYPE_CHECKING:
@@ -29,6 +29,10 @@ class AlgorithmConfig(Options):
     epochs: int = 1  # passes over each batch
     minibatches: int = 1  # per pass
     max_grad_norm: float = 1.0
+    # The PPO ratio of ctrl, ddpo and grpo: `sum` is the exact likelihood ratio of a transition (log-probs summed
+    # over the sample's dimensions); `mean` divides the log-ratio by the number of dimensions, as DDPO and TRL do
+    # (their clip 1e-4 on SD-1.5's 4x64x64 latents is a summed log-ratio of about 1.6). docs/diffusers.md.
+    ratio: str = "sum"
 
     @property
     def samples_per_condition(self) -> int:
@@ -40,6 +44,7 @@ class AlgorithmConfig(Options):
         check_positive_int("epochs", self.epochs)
         check_positive_int("minibatches", self.minibatches)
         check_positive("max_grad_norm", self.max_grad_norm)
+        check_choice("ratio", self.ratio, ("sum", "mean"))
 
 
 @dataclass
@@ -123,9 +128,11 @@ def ratio_diagnostics(log_ratio: torch.Tensor, clip: float | None = None) -> dic
     return diag
 
 
-def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, clip: float):
-    """PPO: min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) per item (Eq. E14), and its diagnostics."""
-    log_ratio = log_prob - old_log_prob
+def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, clip: float,
+                      dims: int = 1):
+    """PPO: min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) per item (Eq. E14), and its diagnostics. `dims` > 1
+    averages the log-ratio over a sample's dimensions (the `ratio: mean` convention of DDPO and TRL)."""
+    log_ratio = (log_prob - old_log_prob) / dims
     ratio = torch.exp(log_ratio)
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
     return surrogate, ratio_diagnostics(log_ratio, clip)
@@ -156,6 +163,10 @@ class Algorithm:
 
     def __init__(self, policy: ScoreAsAction, task: Task, config: AlgorithmConfig):
         self.policy, self.task, self.config = policy, task, config
+
+    def ratio_dims(self, mb: Transitions) -> int:
+        """What the log-ratio is divided by: 1 (`ratio: sum`) or the number of values in a sample (`mean`)."""
+        return mb.x[0].numel() if self.config.ratio == "mean" else 1
 
     @property
     def beta_kl(self) -> float:

@@ -136,7 +136,7 @@ class CTRL(Algorithm):
     # --- step 4: the PPO surrogate with the direct KL gradient (E14) --------------------------------
     def loss(self, policy, mb: Transitions):
         log_prob, kl = rescore(policy, mb)
-        surrogate, diag = clipped_surrogate(log_prob, mb.log_prob, mb.adv, self.config.clip)
+        surrogate, diag = clipped_surrogate(log_prob, mb.log_prob, mb.adv, self.config.clip, self.ratio_dims(mb))
         loss = -surrogate.mean()
         if self.config.kl_grad:
             loss = loss + self.beta_kl * kl.mean() / self.kl_scale

@@ -91,7 +91,7 @@ class DDPO(Algorithm):
 
     def loss(self, policy, mb: Transitions):
         log_prob, _ = rescore(policy, mb)
-        surrogate, diag = clipped_surrogate(log_prob, mb.log_prob, mb.adv, self.config.clip)
+        surrogate, diag = clipped_surrogate(log_prob, mb.log_prob, mb.adv, self.config.clip, self.ratio_dims(mb))
         return -surrogate.mean(), diag
 
     def extra_state(self):

@@ -46,6 +46,6 @@ class GRPO(Algorithm):
 
     def loss(self, policy, mb: Transitions):
         log_prob, kl = rescore(policy, mb)
-        surrogate, diag = clipped_surrogate(log_prob, mb.log_prob, mb.adv, self.config.clip)
+        surrogate, diag = clipped_surrogate(log_prob, mb.log_prob, mb.adv, self.config.clip, self.ratio_dims(mb))
         kl_weight = 0.0 if self.config.fold_kl else self.beta_kl
         return -surrogate.mean() + kl_weight * kl.mean(), diag

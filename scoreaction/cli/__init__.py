@@ -12,7 +12,7 @@ import sys
 import yaml
 
 from scoreaction import __version__
-from scoreaction.cli import bench, feedback, pretrain, quickstart, reward, sample, train
+from scoreaction.cli import bench, export, feedback, pretrain, quickstart, reward, sample, train
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -30,6 +30,7 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sample.register(sub)
     train.register(sub)
+    export.register(sub)
     bench.register(sub)
     feedback.register(sub)
     reward.register(sub)

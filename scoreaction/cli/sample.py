@@ -16,8 +16,10 @@ from scoreaction.cli.options import add_config_args, add_options, assemble, sect
 from scoreaction.config import Options, check_choice, check_nonnegative, check_positive_int, option
 from scoreaction.io import image_grid, save_png
 from scoreaction.metrics import fit_gaussian, gaussian_kl, mean_and_se
-from scoreaction.samplers import GRIDS, SOLVERS, get_solver, make_grid
+from scoreaction.samplers import GRIDS, SOLVERS, get_solver
 from scoreaction.tasks import TASKS, make_task, task_config
+from scoreaction.train.config import check_device, resolve_device
+from scoreaction.train.loop import cast_floating
 
 POLICIES = ("pretrained", "optimal", "finetuned")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -30,16 +32,22 @@ class SampleConfig(Options):
                                            "(default: finetuned with --checkpoint, else pretrained)")
     solver: str = option("em", help="solver: " + ", ".join(SOLVERS))
     steps: int = option(100, help="solver steps")
-    grid: str = option("uniform", help="time grid: " + ", ".join(GRIDS))
+    grid: str = option("uniform", help="time grid: " + ", ".join(GRIDS) + ", or scheduler (a diffusers pipeline's "
+                                       "own timesteps)")
+    prompt: str | None = option(None, help="text-to-image tasks: sample this prompt (default: the task's prompts)")
     eta: float | None = option(None, help="stochasticity of Eq. E3 (default: the solver's own; em 1, others 0)")
     n: int = option(10_000, help="number of samples")
     seed: int = option(0, help="random seed")
-    dtype: str | None = option(None, help="float32 or float64 (default: the run's, float64 without a checkpoint)")
-    out: str = option("samples.npz", help="output .npz (image tasks also write a PNG grid beside it)")
+    dtype: str | None = option(None, help="float32 or float64 (default: the run's; without a checkpoint float64 "
+                                          "for exact tasks, else float32)")
+    device: str = option("auto", help="auto, cpu, cuda, cuda:N or mps")
+    out: str = option("samples.npz", help="output .npz (image tasks also write a PNG grid beside it), or .png "
+                                         "(image tasks: the grid only)")
 
     def __post_init__(self):
         get_solver(self.solver)
-        check_choice("grid", self.grid, GRIDS)
+        check_choice("grid", self.grid, (*GRIDS, "scheduler"))
+        check_device(self.device)
         check_positive_int("steps", self.steps)
         check_positive_int("n", self.n)
         if self.eta is not None:
@@ -51,8 +59,10 @@ class SampleConfig(Options):
             raise ValueError("policy 'finetuned' needs --checkpoint RUN")
         if self.dtype is not None:
             check_choice("dtype", self.dtype, DTYPES)
-        if not str(self.out).endswith(".npz"):
-            raise ValueError(f"out must be a .npz file name, found {self.out!r}")
+        if not str(self.out).endswith((".npz", ".png")):
+            raise ValueError(f"out must be a .npz or .png file name, found {self.out!r}")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("prompt must be a non-empty text")
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -71,13 +81,14 @@ def load_sampler(cfg: SampleConfig, task_options: dict):
 
         if task_options:
             raise ValueError("--checkpoint samples the run's own task; leave out --task and task.* options")
-        trainer = Trainer.from_checkpoint(cfg.checkpoint, progress=False)
+        trainer = Trainer.from_checkpoint(cfg.checkpoint, {"device": cfg.device}, progress=False)
         task, dtype = trainer.task, DTYPES[cfg.dtype] if cfg.dtype else trainer.dtype
-        trainer.policy.to(dtype)
+        cast_floating(trainer.policy, dtype)
         what = f"{cfg.checkpoint} (step {trainer.step})"
         score = trainer.policy.score if cfg.policy == "finetuned" else task.pretrained
     else:
-        task, dtype, what = make_task(task_config(task_options)), DTYPES[cfg.dtype or "float64"], cfg.policy
+        task, what = make_task(task_config(task_options)).to(resolve_device(cfg.device)), cfg.policy
+        dtype = DTYPES[cfg.dtype or ("float64" if task.exact else "float32")]
         score = task.pretrained
     if cfg.policy == "optimal":
         if not task.exact:
@@ -98,24 +109,38 @@ def cmd_sample(args: argparse.Namespace) -> int:
     task, score, dtype, what = load_sampler(cfg, task_options)
     solver = get_solver(cfg.solver)
     eta = solver.default_eta if cfg.eta is None else float(cfg.eta)
+    if cfg.out.endswith(".png") and len(task.shape) != 3:
+        raise ValueError(f"out {cfg.out!r}: a PNG needs an image task, found {task.name!r} with samples of shape {task.shape}")
 
     gen = torch.Generator().manual_seed(cfg.seed)
     x, cond = task.start(cfg.n, generator=gen, dtype=dtype)
-    ts = make_grid(cfg.grid, task.path, cfg.steps, generator=gen)
+    if cfg.prompt is not None:
+        if not hasattr(task, "add_prompts"):
+            raise ValueError(f"--prompt needs a text-to-image task (diffusers), found {task.name!r}")
+        cond = task.add_prompts([cfg.prompt]).repeat(cfg.n)
+    device = getattr(task, "device", torch.device("cpu"))
+    x, cond = x.to(device), None if cond is None else cond.to(device)
+    ts = task.grid(cfg.grid, cfg.steps, generator=gen)
     with tqdm(total=cfg.steps, desc=f"{cfg.solver} x {cfg.steps}", disable=args.quiet, leave=False) as bar:
         with torch.no_grad():
             x_T = solver.sample(task.path, score, x, ts, cond=cond, eta=eta, generator=gen,
                                 callback=lambda _: bar.update())
         rewards = task.reward(x_T, cond)
-    extra = {} if cond is None else {"conditions": cond.numpy()}
-    record = {"task": task.config.to_dict(), "sample": {**dataclasses.asdict(cfg), "eta": eta}}
-    save_npz(cfg.out, samples=x_T.float().numpy(), rewards=rewards.float().numpy(), times=ts.numpy(), **extra,
-             config=record)
-    written = [cfg.out]
+    x_T, rewards, cond = x_T.cpu(), rewards.cpu(), None if cond is None else cond.cpu()
+    written = []
+    if cfg.out.endswith(".npz"):
+        extra = {} if cond is None else {"conditions": cond.numpy()}
+        record = {"task": task.config.to_dict(), "sample": {**dataclasses.asdict(cfg), "eta": eta}}
+        save_npz(cfg.out, samples=x_T.float().numpy(), rewards=rewards.float().numpy(), times=ts.numpy(), **extra,
+                 config=record)
+        written.append(cfg.out)
     if len(task.shape) == 3:  # images: a PNG grid, one row per class for class-conditional tasks
         order = torch.argsort(cond, stable=True) if cond is not None else torch.arange(len(x_T))
+        with torch.no_grad():
+            images = task.images(x_T[order][:100].to(device))
         png = str(Path(cfg.out).with_suffix(".png"))
-        save_png(png, image_grid(x_T[order][:100].float().numpy(), per_row=10), scale=4)
+        save_png(png, image_grid(images.float().cpu().numpy(), per_row=10, value_range=(0.0, 1.0)),
+                 scale=4 if images.shape[-1] < 64 else 1)
         written.append(png)
 
     r_mean, r_se = mean_and_se(rewards)

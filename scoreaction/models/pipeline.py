@@ -194,13 +194,18 @@ def adapters_disabled(denoiser: nn.Module):
 class DenoiserScore(nn.Module):
     """s(s, x, c): the guided prediction of a diffusers denoiser as a score (Eq. E2), on latents (B, C, h, w).
 
-    `adapters=False` evaluates the network with its LoRA adapters disabled: the pretrained reference.
+    `adapters=False` evaluates the network with its LoRA adapters disabled: the pretrained reference, which
+    holds the shared network without registering it (its frozen weights are frozen by the task).
     `amp_dtype` (bf16/fp16) runs the network under autocast; the score comes back in x's dtype."""
 
     def __init__(self, denoiser: nn.Module, path: GaussianPath, prediction: str, family: str, prompts: Prompts,
                  guidance_scale: float = 1.0, adapters: bool = True, amp_dtype: torch.dtype | None = None):
         super().__init__()
-        self.denoiser, self.path, self.prediction, self.family = denoiser, path, prediction, family
+        if adapters:
+            self.denoiser = denoiser
+        else:  # the reference shares the trained network: not a submodule, so freezing it leaves the LoRA alone
+            object.__setattr__(self, "denoiser", denoiser)
+        self.path, self.prediction, self.family = path, prediction, family
         self.prompts, self.guidance_scale, self.adapters, self.amp_dtype = prompts, guidance_scale, adapters, amp_dtype
 
     def time_input(self, s: torch.Tensor) -> torch.Tensor:
@@ -268,3 +273,26 @@ def lora_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     return get_peft_model_state_dict(denoiser, adapter_name=ADAPTER)
+
+
+def save_lora(pipe, family: str, denoiser: nn.Module, folder: str | Path) -> None:
+    """Write the LoRA in diffusers' format (pytorch_lora_weights.safetensors, with its LoraConfig as metadata),
+    so that a stock pipeline's `load_lora_weights(folder)` adapts its denoiser exactly as fine-tuned."""
+    prefix = "transformer" if family == "sd3" else "unet"
+    type(pipe).save_lora_weights(str(folder), safe_serialization=True, **{
+        f"{prefix}_lora_layers": lora_state_dict(denoiser),
+        f"{prefix}_lora_adapter_metadata": denoiser.peft_config[ADAPTER].to_dict()})
+
+
+def save_merged(pipe, denoiser: nn.Module, folder: str | Path) -> None:
+    """Write the whole pipeline with the fine-tuned weights folded into the denoiser (LoRA merged)."""
+    import copy
+
+    merged = copy.deepcopy(denoiser)
+    if getattr(merged, "_hf_peft_config_loaded", False):
+        merged.fuse_lora(adapter_names=[ADAPTER])
+        merged.unload_lora()
+    name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    components = {**pipe.components, name: merged}
+    type(pipe)(**{k: v for k, v in components.items() if k in type(pipe).__init__.__code__.co_varnames}).save_pretrained(
+        str(folder), safe_serialization=True)

@@ -11,6 +11,11 @@
     class MyTask(Task): ...
 
     register_task(MyTask, MyConfig, "what it is")
+
+A package can also make its tasks available without being imported first: declare an entry point in the
+group `scoreaction.tasks` (pyproject: [project.entry-points."scoreaction.tasks"] mine = "mypkg.tasks") whose
+module calls `register_task` on import; `task_config` loads it when the name is asked for. docs/diffusers.md
+shows a task around a network of one's own that takes text embeddings as its condition.
 """
 
 from __future__ import annotations
@@ -49,8 +54,22 @@ def task_config(options: dict) -> TaskConfig:
         raise ValueError(f"task must be a mapping of options with a 'name', found {options!r}")
     name = options.get("name", "gaussian")
     if name not in TASKS:
+        load_plugins(name)
+    if name not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, found {name!r}")
     return TASKS[name].config.from_dict({**options, "name": name}, f"for task {name!r}")
+
+
+def load_plugins(name: str) -> None:
+    """Import the entry point `name` of the group `scoreaction.tasks` (its module registers the task)."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="scoreaction.tasks"):
+        if entry.name == name:
+            try:
+                entry.load()
+            except Exception as err:  # a plugin may fail in any way: one line naming it
+                raise ValueError(f"task plugin {name!r} ({entry.value}) failed to load: {err}") from None
 
 
 def make_task(name_or_config: str | TaskConfig, options: dict | None = None) -> Task:

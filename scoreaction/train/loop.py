@@ -58,10 +58,10 @@ def cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> None:
             t.data = t.data.to(dtype)
 
 
-def check_reward(r, n: int, update: int) -> torch.Tensor:
+def check_reward(r, n: int, where: str) -> torch.Tensor:
     if not torch.is_tensor(r) or r.shape != (n,) or not r.is_floating_point():
         found = f"shape {tuple(r.shape)} dtype {r.dtype}" if torch.is_tensor(r) else type(r).__name__
-        raise ValueError(f"update {update}: the reward must return a float tensor of shape ({n},), found {found}")
+        raise ValueError(f"{where}: the reward must return a float tensor of shape ({n},), found {found}")
     return r
 
 
@@ -91,8 +91,17 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.params, lr=self.algorithm.config.lr)
         self.step, self.trajectories, self.skipped_in_row = 0, 0, 0
         self.run_dir = Path(config.out)
+        self.probe_reward()
         if resume is not None:
             self.load(resume)
+
+    def probe_reward(self) -> None:
+        """Call the reward on two prior draws (its own generator), so that a reward of the wrong shape or dtype
+        stops the run before anything is written."""
+        x, cond = self.task.start(2, generator=torch.Generator().manual_seed(self.config.seed + 1), dtype=self.dtype)
+        with torch.no_grad():
+            r = self.task.reward(x.to(self.device), None if cond is None else cond.to(self.device))
+        check_reward(r, 2, f"task {self.task.name!r}")
 
     # --- one update ---------------------------------------------------------------------------
     def collect(self) -> Batch:
@@ -106,7 +115,7 @@ class Trainer:
                                                    generator=self.generator)
                                for i in range(0, cfg.batch_size, chunk)])
         with torch.no_grad():
-            r = check_reward(self.task.reward(traj.x_final, cond), cfg.batch_size, self.step + 1)
+            r = check_reward(self.task.reward(traj.x_final, cond), cfg.batch_size, f"update {self.step + 1}")
         return Batch(traj=traj, rewards=r.to(self.dtype), beta_kl=self.task.beta_kl)
 
     def micro_batches(self, minibatch) -> list:

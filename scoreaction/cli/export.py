@@ -1,0 +1,62 @@
+"""`scoreaction export`: a fine-tuned diffusers run as a LoRA that stock diffusers loads, or as merged weights.
+
+    scoreaction export --checkpoint runs/sd15 --out lora/            # pipe.load_lora_weights("lora/")
+    scoreaction export --checkpoint runs/sd15 --out sd15-tuned/ --merged   # DiffusionPipeline.from_pretrained(...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from scoreaction.cli.common import add_run_switches, set_threads
+from scoreaction.cli.options import add_config_args, add_options, assemble
+from scoreaction.config import Options, option
+from scoreaction.io import atomic_folder
+from scoreaction.models.pipeline import save_lora, save_merged
+
+
+@dataclass
+class ExportConfig(Options):
+    checkpoint: str | None = option(None, help="a fine-tuned diffusers run (or one of its checkpoints); required")
+    out: str | None = option(None, help="a new folder to write; required")
+    merged: bool = option(False, help="write the whole pipeline with the fine-tuned weights merged into the denoiser "
+                                      "(default: the LoRA alone, in diffusers' format)")
+
+    def __post_init__(self):
+        for name in ("checkpoint", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        if os.path.exists(self.out):
+            raise ValueError(f"out {self.out!r} already exists; export writes a new folder")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from scoreaction.train import Trainer
+
+    set_threads(args)
+    cfg = ExportConfig.from_dict(assemble(args), "for export")
+    trainer = Trainer.from_checkpoint(cfg.checkpoint, {"device": "cpu", "tensorboard": False}, progress=False)
+    task = trainer.task
+    if task.name != "diffusers":
+        raise ValueError(f"export writes diffusers weights: the run's task must be 'diffusers', found {task.name!r}")
+    if not cfg.merged and task.config.lora_rank == 0:
+        raise ValueError("the run fine-tuned every weight (lora_rank 0): there is no LoRA to export; use --merged")
+    with atomic_folder(cfg.out) as tmp:
+        if cfg.merged:
+            save_merged(task.pipe, task.denoiser, tmp)
+        else:
+            save_lora(task.pipe, task.family, task.denoiser, tmp)
+    what = "pipeline with merged weights" if cfg.merged else "LoRA (diffusers format)"
+    print(f"wrote {what} of {cfg.checkpoint} (step {trainer.step}) to {cfg.out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="write a fine-tuned diffusers run as a LoRA (load_lora_weights) or merged weights",
+                       description=__doc__.split("\n\n")[0])
+    add_options(p, ExportConfig)
+    add_config_args(p)
+    add_run_switches(p, quiet=False)
+    p.set_defaults(run=cmd_export)
