@@ -16,10 +16,12 @@ CPU generator, so a seed gives the same rollouts on every device.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +40,8 @@ from scoreaction.train.config import TrainConfig, resolve_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 EVAL_SEED_OFFSET = 1_000_003
+RESUMABLE = ("updates", "eval_every", "eval_n", "eval_steps", "checkpoint_every", "max_skipped", "device",
+             "rollout_batch", "micro_batch", "tensorboard", "image_every", "out")
 
 
 class NonFiniteReward(ScoreactionError):
@@ -90,6 +94,8 @@ class Trainer:
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=self.algorithm.config.lr)
         self.step, self.trajectories, self.skipped_in_row = 0, 0, 0
+        self.resumed_from: int | None = None
+        self.resume_changes: dict = {}
         self.run_dir = Path(config.out)
         self.probe_reward()
         if resume is not None:
@@ -143,7 +149,16 @@ class Trainer:
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             return None
+        weights = [p.detach().clone() for p in self.params]
+        state = copy.deepcopy(self.optimizer.state_dict())
         self.optimizer.step()
+        if not all(bool(torch.isfinite(p).all()) for p in self.params):  # roll the step back: weights and Adam
+            with torch.no_grad():
+                for p, w in zip(self.params, weights):
+                    p.copy_(w)
+            self.optimizer.load_state_dict(state)
+            self.rolled_back += 1
+            return None
         return float(norm), diag
 
     def update(self) -> dict:
@@ -168,7 +183,7 @@ class Trainer:
                        for name, f in self.monitors.items()}
         data, metrics = self.algorithm.prepare(batch, self.generator)
         metrics.update(watched)
-        diags, grad_norms, skipped_steps = [], [], 0
+        diags, grad_norms, skipped_steps, self.rolled_back = [], [], 0, 0
         for _ in range(self.algorithm.config.epochs):
             for mb in self.algorithm.minibatches(data, self.generator):
                 done = self.optimiser_step(mb)
@@ -179,13 +194,16 @@ class Trainer:
                 diags.append(done[1])
         self.step += 1
         self.last_samples = batch.traj.x_final[:8].detach()
+        if self.rolled_back:
+            tqdm.write(f"scoreaction: warning: update {self.step}: {self.rolled_back} optimiser step(s) would have made "
+                       f"the weights non-finite and were rolled back", file=sys.stderr)
         elapsed = time.perf_counter() - start
         objective = batch.objective
         metrics.update({
             "step": self.step, "trajectories": self.trajectories,
             "reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
             "path_kl": float(batch.traj.path_kl.mean()), "J": float(objective.mean()),
-            "grad_norm": _mean(grad_norms), "skipped_steps": skipped_steps,
+            "grad_norm": _mean(grad_norms), "skipped_steps": skipped_steps, "rolled_back": self.rolled_back,
             "seconds": elapsed, "samples_per_s": self.config.batch_size / elapsed, "lr": lr,
             **self.memory(),
             **{key: _mean([d[key] for d in diags if key in d]) for key in ("loss", "approx_kl", "clipfrac", "ratio_mean")},
@@ -249,20 +267,44 @@ class Trainer:
                                         state.get("algorithm_extra", {}))
         self.generator.set_state(train["rng"])
         self.step, self.trajectories = int(state["step"]), int(state["trajectories"])
+        self.resumed_from = self.step
 
     @classmethod
     def from_checkpoint(cls, path: str, overrides: dict | None = None, **kw) -> "Trainer":
-        """Rebuild a run from a checkpoint (or a run folder): config, task, policy, optimisers, RNG."""
+        """Rebuild a run from a checkpoint (or a run folder): config, task, policy, optimisers, RNG.
+
+        Resume continues exactly the run it names: overrides may change only what does not alter what was
+        trained (RESUMABLE: more updates, evaluation and checkpoint cadence, device, memory knobs, logging);
+        anything else, or fewer updates than already done, is a one-line error before anything is written."""
         folder = checkpoint.resolve(path)
         _, _, state = checkpoint.load(folder)
+        old = TrainConfig.from_dict(state["config"], f"in checkpoint {str(folder)!r}").to_dict()
+        for key, value in (overrides or {}).items():
+            now = merge({key: old.get(key)}, {key: value})[key] if isinstance(old.get(key), dict) else value
+            if key not in RESUMABLE and now != old.get(key):
+                raise ScoreactionError(f"resume continues the run in {str(folder)!r}: {key} was {old.get(key)!r}, found "
+                                       f"{now!r} (a resume may change only {', '.join(RESUMABLE)})")
         config = TrainConfig.from_dict(merge(state["config"], overrides or {}), "for training")
-        return cls(config, resume=str(folder), **kw)
+        changes = {key: [old[key], value] for key, value in config.to_dict().items() if value != old[key]}
+        if config.updates < int(state["step"]):
+            raise ScoreactionError(f"updates {config.updates} is fewer than the {int(state['step'])} the checkpoint "
+                                   f"{str(folder)!r} has already done")
+        trainer = cls(config, resume=str(folder), **kw)
+        trainer.resume_changes = changes
+        return trainer
 
     # --- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.config
+        if self.step >= cfg.updates:  # a resume with nothing left to do writes nothing
+            return {"step": self.step, "trajectories": self.trajectories}
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+        if self.resumed_from is None or not (self.run_dir / "config.json").exists():
+            atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
+        if self.resumed_from is not None:
+            self.cut_log(self.resumed_from)
+            with open(self.run_dir / "resumes.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.resumed_from, "changes": self.resume_changes}) + "\n")
         log = open(self.run_dir / "metrics.jsonl", "a")
         board = Board(self.run_dir / "tensorboard", self.task, cfg.image_every) if cfg.tensorboard else None
         last: dict = {}
@@ -272,7 +314,7 @@ class Trainer:
             while self.step < cfg.updates:
                 metrics = self.update()
                 if "message" in metrics:
-                    tqdm.write(f"scoreaction: warning: {metrics['message']}")
+                    tqdm.write(f"scoreaction: warning: {metrics['message']}", file=sys.stderr)
                 elif (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.updates:
                     metrics.update(self.evaluate())
                 log.write(json.dumps(metrics) + "\n")
@@ -293,6 +335,22 @@ class Trainer:
         last["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.save(last)
         return last
+
+    def cut_log(self, step: int) -> None:
+        """Drop metrics.jsonl lines after `step` (written after the checkpoint a resume starts from, or torn by
+        a kill), so that a resumed run's log has each step once."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line)
+        atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
 
 
 class Board:

@@ -146,6 +146,8 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
     Trainer(config(tmp_path, updates=1), progress=False).run()
     with pytest.raises(ValueError, match="does not match the policy"):
+        Trainer(config(tmp_path, updates=1, hidden=64), resume=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ValueError, match="hidden was 128, found 64"):  # what from_checkpoint refuses up front
         Trainer.from_checkpoint(str(tmp_path / "run"), {"hidden": 64}, progress=False)
 
 
