@@ -117,9 +117,33 @@ def test_ratio_mean_convention_divides_by_the_latent_size(tmp_path):
     assert trainer.algorithm.ratio_dims(data) == 4 * 8 * 8
 
 
+def brightness(images, cond=None):
+    """A smooth image reward, by dotted path (tests.tasks.test_diffusers:brightness)."""
+    return images.mean((1, 2, 3))
+
+
 @pytest.mark.slow
-def test_short_ctrl_run_raises_the_jpeg_reward(tmp_path):
-    pytest.skip("filled in below")
+def test_short_ctrl_run_raises_an_image_reward(tmp_path):
+    """Ten ctrl updates (batch 32, 6 DDIM steps) on tiny-sd raise the mean brightness of the decoded images: the
+    paired gain over the pretrained model on 64 common prior and noise draws exceeds 5 standard errors (measured:
+    +0.0032, 13 se). JPEG compressibility is not used here: on tiny-sd's 16 px images it varies by about 5 bytes,
+    mostly quantisation, and neither ctrl nor ddpo moved it in 20 updates (docs/diffusers.md)."""
+    torch.set_num_threads(1)
+    cfg = train_config(tmp_path, task={"name": "diffusers", "beta_kl": 0.0, "guidance_scale": 3.0,
+                                       "reward": "tests.tasks.test_diffusers:brightness"},
+                       algo={"lr": 0.1, "gae_lambda": 1.0}, steps=6, batch_size=32, updates=10)
+    trainer = Trainer(cfg, progress=False)
+    for _ in range(10):
+        trainer.update()
+    task, policy = trainer.task, trainer.policy
+    x0, cond = task.start(64, generator=torch.Generator().manual_seed(123))
+    ts = task.grid("scheduler", 6)
+    reference = type(policy)(task.path, task.pretrained, None, eta=1.0, kernel="ddim")
+    with torch.no_grad():
+        tuned, pre = (p.rollout(x0, ts, cond, generator=torch.Generator().manual_seed(5)).x_final
+                      for p in (policy, reference))
+        gain = task.reward(tuned, cond) - task.reward(pre, cond)
+    assert float(gain.mean()) > 5 * float(gain.std()) / 8, (float(gain.mean()), float(gain.std()) / 8)
 
 
 def test_train_sample_export_cli(tmp_path, capsys):
