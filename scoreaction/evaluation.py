@@ -12,7 +12,7 @@ import torch
 
 from scoreaction.metrics import fit_gaussian, gaussian_kl, sliced_wasserstein
 from scoreaction.policy import ScoreAsAction
-from scoreaction.samplers import get_solver, make_grid
+from scoreaction.samplers import get_solver
 
 
 @torch.no_grad()
@@ -23,7 +23,9 @@ def sample_with(policy: ScoreAsAction, task, solver: str, steps: int, n: int, se
     eta = sol.default_eta if eta is None else eta
     gen = torch.Generator().manual_seed(seed)
     x0, cond = task.start(n, generator=gen, dtype=dtype)
-    ts = make_grid(grid, task.path, steps, generator=gen)
+    device = getattr(task, "device", torch.device("cpu"))
+    x0, cond = x0.to(device), None if cond is None else cond.to(device)
+    ts = task.grid(grid, steps, generator=gen)
     score = task.pretrained if pretrained else policy.score
     x = sol.sample(task.path, score, x0, ts, cond=cond, eta=eta, generator=gen)
     return x, task.reward(x, cond)

@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from scoreaction.cli.common import add_run_switches
+from scoreaction.cli.common import add_run_switches, check_folder_path
 from scoreaction.cli.options import add_config_args, add_options, assemble
 from scoreaction.config import Options, check_nonnegative_int, check_positive_int, option
 
@@ -58,6 +58,8 @@ class BenchOptions(Options):
 def cmd_bench(args: argparse.Namespace) -> int:
     opts = BenchOptions.from_dict(assemble(args), "for bench")
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    if opts.out:
+        check_folder_path(opts.out)
     out = opts.out or (tempfile.mkdtemp(prefix="scoreaction-bench-") if opts.quick else "docs/benchmarks")
     if opts.task == "digits":
         from scoreaction.experiments import digits_bench as bench

@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,11 +20,22 @@ def add_run_switches(parser: argparse.ArgumentParser, *, quiet: bool = True, thr
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or progress lines")
     if threads:
         parser.add_argument("--threads", type=int, metavar="N",
-                            help="torch CPU threads (default: torch's choice; 1 when other jobs share the cores)")
+                            help="torch CPU threads (default: torch's choice, capped at the cores the load average leaves free)")
+
+
+def default_threads() -> int:
+    """Torch threads when neither --threads nor OMP_NUM_THREADS says: no more than the cores other processes
+    leave free (the 1-minute load average), at least 1. Torch's threads spin: beside a busy core, its default
+    made one update of the tiny diffusers task 16x slower (docs/diffusers.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def set_threads(args: argparse.Namespace) -> None:
     if getattr(args, "threads", None) is None:
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(min(torch.get_num_threads(), default_threads()))
         return
     if args.threads < 1:
         raise ValueError(f"threads must be a positive integer, found {args.threads}")
@@ -54,3 +66,12 @@ def print_table(values: dict, keys=None) -> None:
         if key in values:
             value = values[key]
             print(f"{key:22s} {value:.5g}" if isinstance(value, float) else f"{key:22s} {value}")
+
+
+def check_folder_path(path: str, what: str = "out") -> None:
+    """A folder to create or fill must not be an existing file, nor lie under one: one line, before anything runs."""
+    p = Path(path)
+    for part in (p, *p.parents):
+        if part.exists() and not part.is_dir():
+            where = "is a file" if part == p else f"lies under the file {str(part)!r}"
+            raise ValueError(f"{what} {path!r} {where}; expected a folder")

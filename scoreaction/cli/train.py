@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from scoreaction.cli.common import add_run_switches, print_table, set_threads
+from scoreaction.cli.common import add_run_switches, check_folder_path, print_table, set_threads
 from scoreaction.cli.options import add_config_args, add_options, assemble
 from scoreaction.config import Options, check_positive_int, option
 from scoreaction.evaluation import objective, solver_gain
@@ -24,6 +24,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     values = assemble(args)
     if args.task is not None:
         values.setdefault("task", {})["name"] = args.task
+    if "out" in values:
+        check_folder_path(str(values["out"]))
     if args.resume:
         trainer = Trainer.from_checkpoint(args.resume, values, progress=not args.quiet)
     else:

@@ -94,6 +94,11 @@ class Task:
         not images (points)."""
         return None
 
+    def observe(self, x: torch.Tensor) -> torch.Tensor:
+        """What a labeler and a learned reward see of final samples: the samples themselves, or decoded images for
+        latent tasks (the labeling app stores these)."""
+        return x
+
     def to(self, device: str | torch.device) -> "Task":
         """Move what the task computes with (its pretrained model and reward, where they are modules)."""
         for part in (self.pretrained, self.reward):

@@ -212,6 +212,11 @@ class DiffusersTask(Task):
             out.append(vae.decode(latents, return_dict=False)[0].float())
         return (torch.cat(out) / 2 + 0.5).clamp(0, 1).to(x.device)
 
+    def observe(self, x: torch.Tensor) -> torch.Tensor:
+        """Labelers and learned rewards (`learned:DIR`) see the decoded images."""
+        with torch.no_grad():
+            return self.images(x)
+
     # --- what fine-tuning trains ------------------------------------------------------------------
     def make_action(self, hidden: int = 128) -> nn.Module:
         """The denoiser with fresh LoRA adapters (or, with lora_rank 0, every weight trainable and a frozen copy
