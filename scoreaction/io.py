@@ -1,41 +1,65 @@
 """Files the library writes and reads back: atomic folders and files, checked state-dict loading.
 
 A reader (a resuming run, a sampler, another process) sees the old version of a file or folder or the
-new one, never half of either.
+new one, never half of either; a process killed at any moment leaves the old version or the new one
+under the name, plus at most a temporary beside it:
+
+    .NAME.tmp-PID   a file or folder being written (removed by `remove_stale` once PID has ended)
+    .NAME.old-PID   the previous folder NAME during its replacement (`atomic_folder`); if a kill left
+                    NAME missing, this is the intact old version, and `remove_stale` puts it back
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
+
+from scoreaction.errors import OutputError, ScoreactionError
+
+STALE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
 
 
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike):
-    """Build a folder beside its final name, then rename it into place (replacing an old one), so that
-    readers see the old folder or the new one, never half of either. Yields the folder to fill."""
+    """Build a folder beside its final name, then rename it into place, so that readers see the old
+    folder or the new one, never half of either. Yields the folder to fill.
+
+    Replacing an existing folder takes two renames (POSIX cannot swap two folders atomically): the old
+    one to `.NAME.old-PID`, the new one to NAME; it is deleted only after. A kill between the renames
+    leaves NAME missing and the intact old folder at `.NAME.old-PID`, which readers that care (see
+    train/checkpoint.py) fall back to and `remove_stale` restores. An existing file at NAME is refused."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{str(folder)!r} is a file; expected a folder (or a new name)")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     tmp.mkdir()
     try:
         yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                fsync_path(path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     if folder.exists():
+        _remove(old)
         os.replace(folder, old)
     os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_path(folder.parent)
+    _remove(old)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write via a temporary file in the same folder and os.replace: readers see old or new, never half."""
     p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{str(p)!r} is a folder; expected a file name")
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     try:
@@ -44,22 +68,114 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, p)
+        fsync_path(p.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder's entries (a rename in it), to disk; where a folder cannot be
+    opened for that (some platforms), nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs (on this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale(folder: str | os.PathLike, names=None) -> list[str]:
+    """Remove the temporaries that killed writers left in `folder` (see the module docstring): those
+    of processes that no longer run, and this process's own; only those of `names` if given. A
+    `.NAME.old-PID` folder whose NAME is missing is renamed back to NAME instead. Returns the names
+    removed or restored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    done = []
+    for entry in sorted(folder.iterdir()):
+        match = STALE.match(entry.name)
+        if not match or (names is not None and match["name"] not in names):
+            continue
+        pid = int(match["pid"])
+        if pid != os.getpid() and pid_alive(pid):
+            continue  # another writer is at work
+        target = folder / match["name"]
+        if match["kind"] == "old" and entry.is_dir() and not target.exists():
+            os.replace(entry, target)
+        else:
+            _remove(entry)
+        done.append(entry.name)
+    if done:
+        fsync_path(folder)
+    return done
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
+    """An output path where a file will be written: not an existing folder, and its folder (created if
+    missing) not an existing file. Returns it as a Path."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{what} {str(p)!r} is a folder; expected a file name")
+    _check_parents(p, what)
+    return p
+
+
+def check_output_folder(path: str | os.PathLike, what: str = "output") -> Path:
+    """An output path where a folder will be written: not an existing file, and no file on the way to it."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{what} {str(p)!r} is a file; expected a folder")
+    _check_parents(p, what)
+    return p
+
+
+def _check_parents(p: Path, what: str) -> None:
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{what} {str(p)!r} cannot be created: {str(parent)!r} is a file, not a folder")
+            return
+
+
 def load_matching(module, tensors: dict, what: str, *,
                   allow_extra: bool = True) -> None:
     """Load `tensors` into `module` after checking every key and shape; a mismatch is a one-line
-    ValueError starting with `what` (e.g. "checkpoint 'DIR' does not match the policy")."""
+    ScoreactionError starting with `what` (e.g. "checkpoint 'DIR' does not match the policy")."""
     expected = module.state_dict()
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or (extra and not allow_extra):
-        raise ValueError(f"{what}: " + (f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"))
+        found = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
+        raise ScoreactionError(f"{what}: {found}")
     for key, value in expected.items():
         if tensors[key].shape != value.shape:
-            raise ValueError(f"{what}: {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(value.shape)}")
+            raise ScoreactionError(f"{what}: {key!r} has shape {tuple(tensors[key].shape)}, "
+                                   f"expected {tuple(value.shape)}")
     module.load_state_dict({k: tensors[k].to(v.dtype) for k, v in expected.items()})
 
 
@@ -70,7 +186,7 @@ def image_grid(images, per_row: int = 10, value_range: tuple[float, float] = (-1
 
     x = np.asarray(images, dtype=np.float64)
     if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape (N, 1 or 3, H, W), found {tuple(x.shape)}")
+        raise ScoreactionError(f"images must have shape (N, 1 or 3, H, W), found {tuple(x.shape)}")
     lo, hi = value_range
     x = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
     n, c, h, w = x.shape

@@ -7,7 +7,9 @@
     simulate      let a simulated Bradley-Terry labeler answer pairs
     serve         the labeling web app (127.0.0.1 by default)
     export/import JSON lines, arrays inline; importing twice adds nothing
+    backup        a consistent copy of the store (SQLite's online backup), also while `serve` runs
     stats         what the store holds
+Every action closes the store when it ends, on an error too, so that a store at rest is one file.
 
 Each action's options are one dataclass below; its flags are derived from the fields (cli/options.py),
 and every action also takes `--config FILE` and `--set key=value` (the keys are the field names, e.g.
@@ -34,12 +36,15 @@ from scoreaction.config import (
     check_nonnegative,
     check_nonnegative_int,
     check_positive_int,
+    check_range,
     check_text,
     option,
     require,
 )
+from scoreaction.errors import ConfigError, OutputError, ScoreactionError
 from scoreaction.feedback.server import listen, url_of
 from scoreaction.feedback.store import PreferenceStore
+from scoreaction.io import check_output_file
 
 DEFAULT_PORT = 8765
 STRATEGIES = ("random", "disagreement")
@@ -50,9 +55,7 @@ def check_labeler(opts) -> None:
     """The simulated labeler's options (utility, temperature, error_rate, tie_margin) of `opts`."""
     check_text("utility", opts.utility)
     check_nonnegative("temperature", opts.temperature)
-    if not (isinstance(opts.error_rate, (int, float)) and not isinstance(opts.error_rate, bool)
-            and 0 <= opts.error_rate <= 1):
-        raise ValueError(f"error_rate must be in [0, 1], found {opts.error_rate!r}")
+    check_range("error_rate", opts.error_rate, 0, 1)
     check_nonnegative("tie_margin", opts.tie_margin)
 
 
@@ -122,9 +125,9 @@ class AddItemsOptions(NewStoreOptions):
         check_positive_int("steps", self.steps)
         check_nonnegative_int("seed", self.seed)
         if bool(self.checkpoint) == bool(self.task):
-            raise ValueError("give either --checkpoint DIR or --task NAME --pretrained")
+            raise ConfigError("give either --checkpoint DIR or --task NAME --pretrained")
         if self.task and not self.pretrained:
-            raise ValueError("--task samples the task's pretrained model: add --pretrained (or use --checkpoint DIR)")
+            raise ConfigError("--task samples the task's pretrained model: add --pretrained (or use --checkpoint DIR)")
 
 
 @dataclass
@@ -147,9 +150,9 @@ class PairOptions(StoreOptions):
         check_text("task", self.task)
         check_nonnegative_int("seed", self.seed)
         if self.strategy == "disagreement" and not self.reward_model:
-            raise ValueError("--strategy disagreement needs --reward-model DIR (a fitted reward ensemble)")
+            raise ConfigError("--strategy disagreement needs --reward-model DIR (a fitted reward ensemble)")
         if self.strategy != "disagreement" and self.reward_model:
-            raise ValueError("--reward-model is used only with --strategy disagreement")
+            raise ConfigError("--reward-model is used only with --strategy disagreement")
 
 
 @dataclass
@@ -184,6 +187,12 @@ class ExportOptions(StoreOptions):
         super().__post_init__()
         require("--out", self.out)
         check_text("out", self.out)
+        check_output_file(self.out, "--out")
+
+
+@dataclass
+class BackupOptions(ExportOptions):
+    out: str | None = option(None, help="the copy, a new file (never overwritten); required")
 
 
 @dataclass
@@ -208,7 +217,7 @@ class ServeOptions(StoreOptions):
         check_text("question", self.question)
         check_nonnegative_int("port", self.port)
         if self.port > 65535:
-            raise ValueError(f"port must be at most 65535, found {self.port}")
+            raise ConfigError(f"port must be at most 65535, found {self.port}")
 
 
 def read_options(args: argparse.Namespace, cls):
@@ -220,15 +229,16 @@ def read_options(args: argparse.Namespace, cls):
 def cmd_init(args: argparse.Namespace) -> int:
     opts = read_options(args, StoreOptions)
     if Path(opts.store).exists():
-        raise ValueError(f"{opts.store!r} already exists; `init` creates a new store only")
-    store = PreferenceStore(opts.store, create=True)
-    print(f"created preference store {store.path}")
+        raise OutputError(f"{opts.store!r} already exists; `init` creates a new store only")
+    with PreferenceStore(opts.store, create=True) as store:
+        print(f"created preference store {store.path}")
     return 0
 
 
 def cmd_add_labeler(args: argparse.Namespace) -> int:
     opts = read_options(args, AddLabelerOptions)
-    token = opts.open().add_labeler(opts.name, replace=opts.replace)
+    with opts.open() as store:
+        token = store.add_labeler(opts.name, replace=opts.replace)
     print(token)
     sys.stderr.write(f"labeler {opts.name!r}: give them this token once (it is not stored); with "
                      f"`scoreaction feedback serve --store {opts.store}` running they open "
@@ -263,11 +273,12 @@ def sample_items(opts: AddItemsOptions) -> tuple[torch.Tensor, torch.Tensor | No
 
 def cmd_add_items(args: argparse.Namespace) -> int:
     opts = read_options(args, AddItemsOptions)
-    store = opts.open()
-    x, cond, task_name, model = sample_items(opts)
-    conditions = None if cond is None else [int(c) for c in cond]
-    ids = store.add_items(x, task=task_name, conditions=conditions, model=model)
-    print(f"added {len(set(ids))} items of task {task_name!r} from {model} (ids {min(ids)}..{max(ids)}) to {store.path}")
+    with opts.open() as store:
+        x, cond, task_name, model = sample_items(opts)
+        conditions = None if cond is None else [int(c) for c in cond]
+        ids = store.add_items(x, task=task_name, conditions=conditions, model=model)
+    print(f"added {len(set(ids))} items of task {task_name!r} from {model} (ids {min(ids)}..{max(ids)}) "
+          f"to {store.path}")
     return 0
 
 
@@ -275,17 +286,18 @@ def task_items(store: PreferenceStore, task: str | None) -> tuple[str, list[int]
     """(task, item ids, samples (n, *shape) float32, conditions) of one task of the store."""
     tasks = store.tasks()
     if not tasks:
-        raise ValueError(f"preference store {str(store.path)!r} holds no items (add some with `feedback add-items`)")
+        raise ScoreactionError(f"preference store {str(store.path)!r} holds no items "
+                               f"(add some with `feedback add-items`)")
     if task is None:
         if len(tasks) > 1:
-            raise ValueError(f"the store holds several tasks {tasks}; choose one with --task")
+            raise ScoreactionError(f"the store holds several tasks {tasks}; choose one with --task")
         task = tasks[0]
     elif task not in tasks:
-        raise ValueError(f"the store holds no items of task {task!r}; it holds {tasks}")
+        raise ScoreactionError(f"the store holds no items of task {task!r}; it holds {tasks}")
     items = store.items(task=task)
     shapes = sorted({m["shape"] for m in items})
     if len(shapes) > 1:
-        raise ValueError(f"the items of task {task!r} have different shapes {shapes}")
+        raise ScoreactionError(f"the items of task {task!r} have different shapes {shapes}")
     arrays = store.item_arrays([m["id"] for m in items])
     x = torch.stack([torch.as_tensor(a).float() for a in arrays])
     return task, [m["id"] for m in items], x, [m["condition"] for m in items]
@@ -303,7 +315,7 @@ def class_labels(conditions: list) -> torch.Tensor | None:
     if all(c is None for c in conditions):
         return None
     if not all(isinstance(c, int) for c in conditions):
-        raise ValueError("a simulated labeler needs class-label conditions (int); this task has text prompts")
+        raise ScoreactionError("a simulated labeler needs class-label conditions (int); this task has text prompts")
     return torch.tensor(conditions, dtype=torch.long)
 
 
@@ -328,12 +340,12 @@ def choose_pairs(opts: PairOptions, ids: list[int], x: torch.Tensor, conditions:
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     opts = read_options(args, EnqueueOptions)
-    store = opts.open()
-    if opts.clear:
-        print(f"removed {store.clear_queue()} queued pairs")
-    task, ids, x, conditions = task_items(store, opts.task)
-    added = store.enqueue_pairs(choose_pairs(opts, ids, x, conditions, exclude=store.queue()))
-    print(f"queued {added} pairs of task {task!r} ({opts.strategy}); the queue holds {len(store.queue())}")
+    with opts.open() as store:
+        if opts.clear:
+            print(f"removed {store.clear_queue()} queued pairs")
+        task, ids, x, conditions = task_items(store, opts.task)
+        added = store.enqueue_pairs(choose_pairs(opts, ids, x, conditions, exclude=store.queue()))
+        print(f"queued {added} pairs of task {task!r} ({opts.strategy}); the queue holds {len(store.queue())}")
     return 0
 
 
@@ -359,9 +371,9 @@ def simulated_answers(store: PreferenceStore, opts: SimulateOptions) -> tuple[st
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     opts = read_options(args, SimulateOptions)
-    store = opts.open()
-    task, rows = simulated_answers(store, opts)
-    store.add_comparisons(rows)
+    with opts.open() as store:
+        task, rows = simulated_answers(store, opts)
+        store.add_comparisons(rows)
     counts = {c: sum(row["choice"] == c for row in rows) for c in ("left", "right", "tie")}
     print(f"{opts.labeler}: {len(rows)} answers on task {task!r} ({opts.strategy} pairs) "
           f"left {counts['left']}, right {counts['right']}, tie {counts['tie']}")
@@ -371,7 +383,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 # --- exchange, summary, the app ----------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
     opts = read_options(args, ExportOptions)
-    counts = opts.open().export_jsonl(opts.out)
+    with opts.open() as store:
+        counts = store.export_jsonl(opts.out)
     print(f"wrote {counts['items']} items, {counts['comparisons']} comparisons, {counts['queue']} queued pairs "
           f"to {opts.out}")
     return 0
@@ -379,7 +392,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     opts = read_options(args, ImportOptions)
-    counts = opts.open().import_jsonl(opts.input)
+    with opts.open() as store:
+        counts = store.import_jsonl(opts.input)
     print(f"imported {counts['items_added']} new items ({counts['items_existing']} already stored), "
           f"{counts['comparisons_added']} new comparisons ({counts['comparisons_existing']} already stored), "
           f"{counts['queue_added']} queued pairs")
@@ -404,8 +418,18 @@ def print_stats(stats: dict) -> None:
               f"{row['skip']:6d} {'-' if ms is None else f'{ms:.0f}':>8s}")
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    opts = read_options(args, BackupOptions)
+    with opts.open() as store:
+        counts = store.backup(opts.out)
+    print(f"copied {store.path} to {opts.out} (integrity ok): {counts['items']} items, {counts['comparisons']} "
+          f"comparisons, {counts['queue']} queued pairs, {counts['labelers']} labelers")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
-    stats = read_options(args, StoreOptions).open().stats()
+    with read_options(args, StoreOptions).open() as store:
+        stats = store.stats()
     if args.json:
         print(json.dumps(stats, indent=2))
     else:
@@ -426,16 +450,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from scoreaction.feedback.app import create_app
 
     opts = read_options(args, ServeOptions)
-    store = opts.open()
-    app = create_app(store, question=opts.question)
-    sock = listen(opts.host, opts.port)
-    if not is_loopback(opts.host):
-        sys.stderr.write("scoreaction: warning: serving beyond this machine over plain HTTP; tokens travel in clear "
-                         "(put a TLS proxy in front)\n")
-    url = url_of(sock)
-    print(f"labeling app for {store.path} at {url}  (labelers open {url}?token=THEIR_TOKEN; Ctrl-C stops)", flush=True)
-    # no access log: it would show the page's ?token=... to anyone reading the log
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+    with opts.open() as store:  # closed when the server stops: the answers are in the file, not only its WAL
+        app = create_app(store, question=opts.question)
+        sock = listen(opts.host, opts.port)
+        if not is_loopback(opts.host):
+            sys.stderr.write("scoreaction: warning: serving beyond this machine over plain HTTP; tokens travel in "
+                             "clear (put a TLS proxy in front)\n")
+        url = url_of(sock)
+        print(f"labeling app for {store.path} at {url}  (labelers open {url}?token=THEIR_TOKEN; Ctrl-C stops)",
+              flush=True)
+        try:
+            # no access log: it would show the page's ?token=... to anyone reading the log
+            uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+        finally:
+            sock.close()
     return 0
 
 
@@ -461,5 +489,7 @@ def register(sub) -> None:
     q = add("import", "read JSON lines written by export (idempotent)", cmd_import, ImportOptions, skip=("input",))
     q.add_argument("--in", dest=flag_dest("input"), metavar="FILE", help=help_of(ImportOptions, "input"))
     add("serve", "run the labeling web app", cmd_serve, ServeOptions)
+    add("backup", "copy the store into a new file, consistently, also while the app serves it", cmd_backup,
+        BackupOptions)
     q = add("stats", "what the store holds", cmd_stats, StoreOptions)
     q.add_argument("--json", action="store_true", help="print JSON")

@@ -34,6 +34,8 @@ from scoreaction.config import (
     option,
     require,
 )
+from scoreaction.errors import ConfigError
+from scoreaction.io import check_output_file, check_output_folder
 from scoreaction.rewards.preference import ARCH_DEFAULTS, ARCHITECTURES, FitConfig
 
 SIMULATED_TASKS = ("gaussian", "mixture", "digits")
@@ -57,9 +59,9 @@ class SourceOptions(Options):
         for name in ("store", "comparisons", "task", "labeler"):
             check_text(name, getattr(self, name))
         if self.store is None and self.comparisons is None:
-            raise ValueError("--store DB or --comparisons FILE is required")
+            raise ConfigError("--store DB or --comparisons FILE is required")
         if self.store is not None and self.comparisons is not None:
-            raise ValueError("give --store DB or --comparisons FILE, not both")
+            raise ConfigError("give --store DB or --comparisons FILE, not both")
 
     def read(self):
         """Comparisons from the store (with task, labeler) or the comparisons file."""
@@ -69,7 +71,8 @@ class SourceOptions(Options):
             return load_comparisons(self.comparisons)
         from scoreaction.feedback.store import PreferenceStore
 
-        return PreferenceStore(self.store).dataset(task=self.task, labeler=self.labeler)
+        with PreferenceStore(self.store) as store:
+            return store.dataset(task=self.task, labeler=self.labeler)
 
 
 @dataclass
@@ -96,8 +99,10 @@ class FitOptions(SourceOptions):
         super().__post_init__()
         require("--out", self.out)
         check_text("out", self.out)
+        check_output_folder(self.out, "--out")
         check_choice("arch", self.arch, ("auto", *ARCHITECTURES))
         check_nonnegative_int("seed", self.seed)
+        check_flag("bootstrap", self.bootstrap)
         self.fit_config()  # FitConfig validates the model options
 
     def fit_config(self) -> FitConfig:
@@ -134,9 +139,10 @@ class SimulateOptions(Options):
         check_choice("task", self.task, SIMULATED_TASKS)
         require("--out", self.out)
         check_text("out", self.out)
+        check_output_file(self.out, "--out")
         check_positive_int("n", self.n)
         if not (isinstance(self.items, int) and not isinstance(self.items, bool) and self.items >= 2):
-            raise ValueError(f"items must be an integer >= 2, found {self.items!r}")
+            raise ConfigError(f"items must be an integer >= 2, found {self.items!r}")
         check_labeler(self)
         check_nonnegative_int("seed", self.seed)
 
@@ -150,6 +156,7 @@ class BenchOptions(Options):
 
     def __post_init__(self):
         check_text("out", self.out)
+        check_output_folder(self.out, "--out")
         check_flag("quick", self.quick)
         if self.seeds is not None:
             check_positive_int("seeds", self.seeds)

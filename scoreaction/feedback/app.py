@@ -262,8 +262,11 @@ class BodyLimit:
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     detail = str(exc.detail)
-    if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
-        detail = f"malformed JSON: {exc.__cause__}"  # FastAPI could not parse the body (bad UTF-8, too deep)
+    cause = exc.__cause__  # FastAPI could not parse the body: bad UTF-8, nested too deep, an integer too long
+    if exc.status_code == 400 and isinstance(cause, RecursionError):
+        detail = "malformed JSON: nested too deeply"
+    elif exc.status_code == 400 and isinstance(cause, ValueError):
+        detail = f"malformed JSON: {str(cause).split(';')[0]}"
     return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
 

@@ -4,7 +4,8 @@ atomically and only on request, checked to be one, and served through one connec
 Each thread gets its own connection, opened on first use and kept (closing the last one would
 checkpoint the WAL, costing every write several fsyncs). The PID is recorded with it, so a forked child
 opens its own and never touches its parent's (SQLite forbids using, or even closing, them there).
-`close()` folds the WAL back into the file (`wal_checkpoint(TRUNCATE)`) and closes them all.
+`close()` folds the WAL back into the file (`wal_checkpoint(TRUNCATE)`) and closes them all;
+`backup(dest)` copies the store while others write (SQLite's online backup API).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
+
+from scoreaction.errors import OutputError, ScoreactionError
+from scoreaction.io import check_output_file, fsync_path
 
 FORMAT, VERSION = "scoreaction-preferences", 1
 BUSY_TIMEOUT_MS = 30_000
@@ -58,7 +62,7 @@ CREATE TABLE labelers (name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE,
 """
 
 
-class StoreError(ValueError):
+class StoreError(ScoreactionError):
     """The file is missing, corrupt, or not a preference store."""
 
 
@@ -181,6 +185,51 @@ class Database:
             finally:
                 con.close()
 
+    def backup(self, dest: str | os.PathLike) -> dict:
+        """Copy the store into the new file `dest` with SQLite's online backup API: a consistent copy of
+        what was committed when the copy began, while other threads and processes go on writing. The
+        copy is checked (`PRAGMA integrity_check`), built beside `dest` and linked into place, so `dest`
+        is whole or absent and an existing file is never overwritten. Returns the copy's row counts."""
+        dest = Path(dest)
+        taken = f"backup file {str(dest)!r} already exists; a backup never overwrites (choose a new name)"
+        if dest.exists() or dest.is_symlink():
+            raise OutputError(taken)
+        check_output_file(dest, "backup file")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        leftovers = [tmp] + [Path(f"{tmp}{suffix}") for suffix in ("-wal", "-shm", "-journal")]
+        try:
+            for path in leftovers:
+                path.unlink(missing_ok=True)
+            try:
+                source = self._connection()
+                target = sqlite3.connect(tmp, isolation_level=None)
+                try:
+                    source.backup(target)
+                    status = target.execute("PRAGMA integrity_check").fetchone()[0]
+                    counts = {table: target.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                              for table in ("items", "comparisons", "queue", "labelers")}
+                finally:
+                    target.close()
+            except sqlite3.Error as err:
+                raise StoreError(f"preference store {str(self.path)!r} could not be backed up: {err}") from None
+            if status != "ok":
+                raise StoreError(f"the backup of {str(self.path)!r} fails its integrity check: {status}")
+            fsync_path(tmp)
+            try:
+                os.link(tmp, dest)
+            except FileExistsError:
+                raise OutputError(taken) from None
+            except OSError:  # a file system without hard links
+                if dest.exists():
+                    raise OutputError(taken) from None
+                os.replace(tmp, dest)
+            fsync_path(dest.parent)
+        finally:
+            for path in leftovers:
+                path.unlink(missing_ok=True)
+        return counts
+
     @contextmanager
     def transaction(self, write: bool = False):
         """One transaction on this thread's connection: BEGIN IMMEDIATE for writes (takes the write
@@ -198,7 +247,7 @@ class Database:
         except sqlite3.IntegrityError as err:
             if not _rollback(con):
                 self._discard(con)
-            raise ValueError(f"preference store {str(self.path)!r} refused the write: {err}") from None
+            raise ScoreactionError(f"preference store {str(self.path)!r} refused the write: {err}") from None
         except sqlite3.DatabaseError as err:
             _rollback(con)
             self._discard(con)

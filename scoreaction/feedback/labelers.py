@@ -21,6 +21,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from scoreaction.config import check_nonnegative, check_range
+from scoreaction.errors import ScoreactionError
 from scoreaction.rewards.preference import CHOICES, Comparisons
 from scoreaction.rewards.utilities import make_utility
 
@@ -47,12 +49,9 @@ class SimulatedLabeler:
                  seed: int = 0, name: str | None = None):
         if not callable(utility):
             raise TypeError(f"utility must be a callable (x, cond) -> (B,), found {type(utility).__name__}")
-        if not (isinstance(temperature, (int, float)) and temperature >= 0):
-            raise ValueError(f"temperature must be a number >= 0, found {temperature!r}")
-        if not (isinstance(error_rate, (int, float)) and 0 <= error_rate <= 1):
-            raise ValueError(f"error_rate must be in [0, 1], found {error_rate!r}")
-        if not (isinstance(tie_margin, (int, float)) and tie_margin >= 0):
-            raise ValueError(f"tie_margin must be a number >= 0, found {tie_margin!r}")
+        check_nonnegative("temperature", temperature)
+        check_range("error_rate", error_rate, 0, 1)
+        check_nonnegative("tie_margin", tie_margin)
         self.utility = utility
         self.temperature, self.error_rate, self.tie_margin = float(temperature), float(error_rate), float(tie_margin)
         self.seed = seed
@@ -69,11 +68,11 @@ class SimulatedLabeler:
         """du = u(l, c) - u(r, c), shape (N,), float64."""
         left, right = torch.as_tensor(left), torch.as_tensor(right)
         if left.shape != right.shape or left.ndim < 2:
-            raise ValueError(f"left and right must have the same shape (N, *sample_shape), found "
+            raise ScoreactionError(f"left and right must have the same shape (N, *sample_shape), found "
                              f"{tuple(left.shape)} and {tuple(right.shape)}")
         du = self.utility(left.double(), cond).double() - self.utility(right.double(), cond).double()
         if du.shape != (left.shape[0],):
-            raise ValueError(f"the utility must return shape ({left.shape[0]},), found {tuple(du.shape)}")
+            raise ScoreactionError(f"the utility must return shape ({left.shape[0]},), found {tuple(du.shape)}")
         return du
 
     def probabilities(self, left: torch.Tensor, right: torch.Tensor, cond=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,12 +103,12 @@ class SimulatedLabeler:
         p_left, tie = self.probabilities(left, right, cond)
         q = torch.as_tensor(predicted_left, dtype=torch.float64).reshape(-1)
         if q.shape != p_left.shape:
-            raise ValueError(f"predicted_left must have shape {tuple(p_left.shape)}, found {tuple(q.shape)}")
+            raise ScoreactionError(f"predicted_left must have shape {tuple(p_left.shape)}, found {tuple(q.shape)}")
         says_left = torch.where(q > 0.5, 1.0, torch.where(q < 0.5, 0.0, 0.5)).double()
         acc = says_left * p_left + (1 - says_left) * (1 - p_left)
         keep = ~tie
         if not bool(keep.any()):
-            raise ValueError("every pair is a tie for this labeler; accuracy is undefined")
+            raise ScoreactionError("every pair is a tie for this labeler; accuracy is undefined")
         return float(acc[keep].mean())
 
     def ceiling_accuracy(self, left: torch.Tensor, right: torch.Tensor, cond=None) -> float:
@@ -117,7 +116,7 @@ class SimulatedLabeler:
         p_left, tie = self.probabilities(left, right, cond)
         keep = ~tie
         if not bool(keep.any()):
-            raise ValueError("every pair is a tie for this labeler; accuracy is undefined")
+            raise ScoreactionError("every pair is a tie for this labeler; accuracy is undefined")
         return float(torch.maximum(p_left, 1 - p_left)[keep].mean())
 
 

@@ -13,6 +13,8 @@ import uuid
 
 import numpy as np
 
+from scoreaction.errors import ScoreactionError
+
 CHOICES = ("left", "right", "tie", "skip")
 CHOICE_VALUE = {"left": 1.0, "right": 0.0, "tie": 0.5}  # P(left preferred); 'skip' carries no label
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$")
@@ -24,7 +26,7 @@ def as_array(sample) -> np.ndarray:
         sample = sample.detach().cpu().numpy()
     a = np.asarray(sample)
     if a.dtype.kind not in "biuf":
-        raise ValueError(f"a sample must be an array of numbers (bool, int or float), found dtype {a.dtype}")
+        raise ScoreactionError(f"a sample must be an array of numbers (bool, int or float), found dtype {a.dtype}")
     return np.ascontiguousarray(a.astype(a.dtype.newbyteorder("="), copy=False))
 
 
@@ -45,7 +47,7 @@ def png_array(png: bytes | str | os.PathLike) -> np.ndarray:
     source = io.BytesIO(png) if isinstance(png, bytes) else png
     with Image.open(source) as im:
         if im.format != "PNG":
-            raise ValueError(f"expected a PNG picture, found {im.format}")
+            raise ScoreactionError(f"expected a PNG picture, found {im.format}")
         im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
         return np.asarray(im, dtype=np.uint8)
 
@@ -57,13 +59,13 @@ def check_condition(condition):
     if hasattr(condition, "item") and getattr(condition, "ndim", 1) == 0:
         condition = condition.item()
     if isinstance(condition, bool) or not isinstance(condition, int):
-        raise ValueError(f"a condition must be None, a class label (int) or a prompt (str), found {condition!r}")
+        raise ScoreactionError(f"a condition must be None, a class label (int) or a prompt (str), found {condition!r}")
     return condition
 
 
 def check_name(name, what: str = "labeler") -> str:
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise ValueError(f"{what} name must be 1-64 letters, digits or _.@+- (starting with a letter or digit), "
+        raise ScoreactionError(f"{what} name must be 1-64 letters, digits or _.@+- (starting with a letter or digit), "
                          f"found {name!r}")
     return name
 
@@ -77,7 +79,7 @@ def as_item_id(value) -> int:
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, int) or not -2**63 <= value < 2**63:
-        raise ValueError(f"an item id must be an integer, found {value!r}")
+        raise ScoreactionError(f"an item id must be an integer, found {value!r}")
     return value
 
 
@@ -85,16 +87,17 @@ def check_comparison(row: dict) -> tuple:
     """(uid, left, right, choice, labeler, created, response_ms) of an answer, checked."""
     choice = row.get("choice")
     if choice not in CHOICES:
-        raise ValueError(f"choice must be one of {list(CHOICES)}, found {choice!r}")
+        raise ScoreactionError(f"choice must be one of {list(CHOICES)}, found {choice!r}")
     response_ms = row.get("response_ms")
     if response_ms is not None:
         if isinstance(response_ms, bool) or not isinstance(response_ms, (int, float)) or not 0 <= response_ms < 1e9:
-            raise ValueError(f"response_ms must be a number of milliseconds >= 0 (or null), found {response_ms!r}")
+            raise ScoreactionError(f"response_ms must be a number of milliseconds >= 0 (or null), "
+                                   f"found {response_ms!r}")
         response_ms = float(response_ms)
     created = row.get("created")
     if created is not None and (isinstance(created, bool) or not isinstance(created, (int, float))
                                 or not math.isfinite(created)):
-        raise ValueError(f"created must be Unix time in seconds, found {created!r}")
+        raise ScoreactionError(f"created must be Unix time in seconds, found {created!r}")
     uid = row.get("uid") or uuid.uuid4().hex
     return (uid, as_item_id(row.get("left")), as_item_id(row.get("right")), choice, check_name(row.get("labeler")),
             time.time() if created is None else float(created), response_ms)

@@ -18,12 +18,14 @@ import math
 
 import torch
 
+from scoreaction.errors import ScoreactionError
+
 STRATEGIES = ("random", "disagreement")
 
 
 def check_int(value, name: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, found {value!r}")
+        raise ScoreactionError(f"{name} must be an integer >= {low}, found {value!r}")
     return value
 
 
@@ -33,7 +35,7 @@ def groups_of(n_items: int, cond) -> list[torch.Tensor]:
         return [torch.arange(n_items)]
     cond = torch.as_tensor(cond).reshape(-1)
     if cond.shape != (n_items,):
-        raise ValueError(f"cond must hold one label per item ({n_items}), found shape {tuple(cond.shape)}")
+        raise ScoreactionError(f"cond must hold one label per item ({n_items}), found shape {tuple(cond.shape)}")
     return [(cond == c).nonzero().flatten() for c in cond.unique()]
 
 
@@ -74,14 +76,14 @@ def select_pairs(n_items: int, n_pairs: int, *, strategy: str = "random", items:
     check_int(n_items, "n_items", 0)
     check_int(n_pairs, "n_pairs", 0)
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, found {strategy!r}")
+        raise ScoreactionError(f"strategy must be one of {STRATEGIES}, found {strategy!r}")
     excluded = {(min(int(a), int(b)), max(int(a), int(b))) for a, b in (exclude or [])}
     if strategy == "random":
         return random_pairs(n_items, n_pairs, cond, excluded, generator)
     if model is None or items is None:
-        raise ValueError("strategy 'disagreement' needs the candidate `items` and an ensemble `model`")
+        raise ScoreactionError("strategy 'disagreement' needs the candidate `items` and an ensemble `model`")
     if len(items) != n_items:
-        raise ValueError(f"items must hold n_items={n_items} samples, found {len(items)}")
+        raise ScoreactionError(f"items must hold n_items={n_items} samples, found {len(items)}")
     if max_item_uses is None:
         max_item_uses = max(1, math.ceil(2 * n_pairs / max(n_items, 1)))
     check_int(max_item_uses, "max_item_uses", 1)
@@ -90,7 +92,7 @@ def select_pairs(n_items: int, n_pairs: int, *, strategy: str = "random", items:
         keep = torch.tensor([(int(a), int(b)) not in excluded for a, b in pairs.tolist()])
         pairs = pairs[keep]
     if n_pairs > len(pairs):
-        raise ValueError(f"asked for {n_pairs} pairs but only {len(pairs)} candidate pairs are allowed")
+        raise ScoreactionError(f"asked for {n_pairs} pairs but only {len(pairs)} candidate pairs are allowed")
     score = disagreement(model, items, pairs, cond)
     order = torch.argsort(score, descending=True, stable=True)
     uses = [0] * n_items
@@ -116,7 +118,7 @@ def disagreement(model, items: torch.Tensor, pairs: torch.Tensor, cond=None) -> 
     r = torch.cat([model.member_rewards(items[s:s + 4096], None if c is None else c[s:s + 4096])
                    for s in range(0, len(items), 4096)], dim=1)  # (K, n_items)
     if r.ndim != 2 or r.shape[1] != len(items):
-        raise ValueError(f"model.member_rewards must return (K, {len(items)}), found {tuple(r.shape)}")
+        raise ScoreactionError(f"model.member_rewards must return (K, {len(items)}), found {tuple(r.shape)}")
     p = torch.sigmoid(r[:, pairs[:, 0]] - r[:, pairs[:, 1]])
     return p.var(0, unbiased=False)
 
@@ -129,7 +131,7 @@ def random_pairs(n_items: int, n_pairs: int, cond, excluded: set, generator) -> 
                            if 0 <= a < b < n_items and (labels is None or labels[a] == labels[b]))
     available = int(sizes.sum()) - allowed_excluded
     if n_pairs > available:
-        raise ValueError(f"asked for {n_pairs} distinct pairs but only {available} are allowed")
+        raise ScoreactionError(f"asked for {n_pairs} distinct pairs but only {available} are allowed")
     if n_pairs == 0:
         return []
     if n_pairs > available // 4:  # dense request: enumerate and permute

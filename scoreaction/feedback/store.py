@@ -17,8 +17,9 @@ One file holds everything (WAL journal, so readers never block the writer):
 Every write is one `BEGIN IMMEDIATE` transaction (with a busy timeout and synchronous = FULL), so
 threads and processes labelling at once never lose or interleave an answer, and a committed answer
 survives a crash or a power cut. A store is created only on request (`PreferenceStore(path,
-create=True)`, `scoreaction feedback init`); opening a missing, corrupt or foreign file is a ValueError
-naming the file.
+create=True)`, `scoreaction feedback init`); opening a missing, corrupt or foreign file is a StoreError
+naming the file. `close()` (or leaving a `with PreferenceStore(...)` block) folds the WAL back into the
+file, so that a store at rest is one file; `backup(dest)` copies it while it is in use.
 
 Beside this module: database.py (the file, its connections and transactions), records.py (checked
 values: arrays as .npy, names, answers), store_io.py (JSONL export/import, the torch dataset).
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scoreaction.errors import ScoreactionError
 from scoreaction.feedback import records, store_io
 from scoreaction.feedback.database import FORMAT, VERSION, Database, StoreError
 from scoreaction.feedback.records import CHOICES, check_comparison, check_condition, check_name, npy_load, token_hash
@@ -45,11 +47,11 @@ __all__ = ["CHOICES", "FORMAT", "VERSION", "AlreadyAnswered", "PreferenceStore",
 _item_id = records.as_item_id
 
 
-class UnknownItem(ValueError):
+class UnknownItem(ScoreactionError):
     """An item id that the store does not hold."""
 
 
-class AlreadyAnswered(ValueError):
+class AlreadyAnswered(ScoreactionError):
     """This labeler has already answered this pair (raised only when asked to check: `once=True`)."""
 
 
@@ -64,6 +66,17 @@ class PreferenceStore:
     def __repr__(self) -> str:
         return f"PreferenceStore({str(self.path)!r})"
 
+    def __enter__(self) -> "PreferenceStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def backup(self, dest: str | os.PathLike) -> dict:
+        """A consistent copy of the store in the new file `dest`, made while others may write (SQLite's
+        online backup API), checked and never over an existing file; returns its row counts."""
+        return self._db.backup(dest)
+
     def close(self) -> None:
         """Close the connections this store opened in this process, folding the WAL back into the file
         first, so the store is one file again. Call it when no other thread is using the store; using it
@@ -77,11 +90,11 @@ class PreferenceStore:
         keeps its id."""
         check_name(task, "task")
         if not isinstance(model, str) or len(model) > 500:
-            raise ValueError(f"model must be a string of at most 500 characters, found {model!r}")
+            raise ScoreactionError(f"model must be a string of at most 500 characters, found {model!r}")
         arrays = [records.as_array(s) for s in samples]
         conditions = [None] * len(arrays) if conditions is None else [check_condition(c) for c in conditions]
         if len(conditions) != len(arrays):
-            raise ValueError(f"got {len(arrays)} samples but {len(conditions)} conditions")
+            raise ScoreactionError(f"got {len(arrays)} samples but {len(conditions)} conditions")
         with self._tx(write=True) as con:
             now = time.time()
             return [self._insert_item(con, a, task, c, model, now)[0] for a, c in zip(arrays, conditions)]
@@ -160,14 +173,15 @@ class PreferenceStore:
     def _check_pair(self, con, left, right) -> None:
         left, right = _item_id(left), _item_id(right)
         if left == right:
-            raise ValueError(f"a comparison needs two different items, found {left} twice")
+            raise ScoreactionError(f"a comparison needs two different items, found {left} twice")
         rows = dict(con.execute("SELECT id, task || char(0) || condition FROM items WHERE id IN (?, ?)",
                                 (left, right)).fetchall())
         for i in (left, right):
             if i not in rows:
                 raise UnknownItem(f"unknown item id {i}")
         if rows[left] != rows[right]:
-            raise ValueError(f"items {left} and {right} belong to different tasks or conditions and cannot be compared")
+            raise ScoreactionError(f"items {left} and {right} belong to different tasks or conditions "
+                                   f"and cannot be compared")
 
     def add_comparisons(self, rows, *, once: bool = False) -> list[int]:
         """Add answers in one transaction. Each row is a dict with left, right, choice, labeler and
@@ -304,7 +318,7 @@ class PreferenceStore:
         with self._tx(write=True) as con:
             exists = con.execute("SELECT 1 FROM labelers WHERE name = ?", (name,)).fetchone()
             if exists and not replace:
-                raise ValueError(f"labeler {name!r} already exists (issue a new token with --replace)")
+                raise ScoreactionError(f"labeler {name!r} already exists (issue a new token with --replace)")
             con.execute("INSERT OR REPLACE INTO labelers VALUES (?, ?, ?)", (name, token_hash(token), time.time()))
         return token
 

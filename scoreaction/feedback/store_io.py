@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from scoreaction.errors import ScoreactionError
 from scoreaction.feedback.database import FORMAT, VERSION
 from scoreaction.feedback.records import (
     CHOICE_VALUE,
@@ -32,6 +33,7 @@ from scoreaction.feedback.records import (
     check_name,
     npy_load,
 )
+from scoreaction.io import check_output_file, fsync_path
 
 if TYPE_CHECKING:
     from scoreaction.feedback.store import PreferenceStore
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 
 def export_jsonl(store: PreferenceStore, path: str | os.PathLike) -> dict:
     """Write items, comparisons and the queue as JSON lines, atomically; returns the counts."""
-    path = Path(path)
+    path = check_output_file(path, "export file")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     counts = {"items": 0, "comparisons": 0, "queue": 0}
     try:
@@ -59,6 +61,7 @@ def export_jsonl(store: PreferenceStore, path: str | os.PathLike) -> dict:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return counts
@@ -68,22 +71,29 @@ def read_jsonl(path: Path) -> tuple[list, list, list]:
     """(items, comparisons, queue) of an export file, every line checked; a bad line is a ValueError
     naming the file and the line."""
     if not path.is_file():
-        raise ValueError(f"import file {str(path)!r} does not exist")
+        raise ScoreactionError(f"import file {str(path)!r} " + ("is not a file" if path.exists() else "does not exist"))
     items, comparisons, queue = [], [], []
-    with open(path) as fh:
-        for number, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
             where = f"import file {str(path)!r} line {number}"
-            if not line.strip():
-                continue
             try:
+                line = raw.decode()
+                if not line.strip():
+                    continue
                 record = json.loads(line)
+            except UnicodeDecodeError:
+                raise ScoreactionError(f"{where}: not UTF-8 text") from None
             except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+                raise ScoreactionError(f"{where}: not valid JSON ({err.msg})") from None
+            except (ValueError, RecursionError) as err:  # an integer of over 4300 digits, nesting too deep
+                detail = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
+                raise ScoreactionError(f"{where}: not valid JSON ({detail})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, found {type(record).__name__}")
+                raise ScoreactionError(f"{where}: expected a JSON object, found {type(record).__name__}")
             if number == 1:
                 if record.get("format") != FORMAT or record.get("version") != VERSION:
-                    raise ValueError(f"{where}: expected the header {{'format': {FORMAT!r}, 'version': {VERSION}}}")
+                    raise ScoreactionError(f"{where}: expected the header "
+                                           f"{{'format': {FORMAT!r}, 'version': {VERSION}}}")
                 continue
             try:
                 kind = record.get("type")
@@ -91,7 +101,7 @@ def read_jsonl(path: Path) -> tuple[list, list, list]:
                     items.append(read_item(record))
                 elif kind == "comparison":
                     if not isinstance(record.get("uid"), str) or not re.fullmatch(r"[0-9a-f]{32}", record["uid"]):
-                        raise ValueError(f"uid must be 32 hex digits, found {record.get('uid')!r}")
+                        raise ScoreactionError(f"uid must be 32 hex digits, found {record.get('uid')!r}")
                     row = {k: record.get(k) for k in ("uid", "left", "right", "choice", "labeler", "created",
                                                       "response_ms")}
                     check_comparison(row)
@@ -99,12 +109,12 @@ def read_jsonl(path: Path) -> tuple[list, list, list]:
                 elif kind == "queue":
                     queue.append((record["left"], record["right"]))
                 else:
-                    raise ValueError(f"type must be 'item', 'comparison' or 'queue', found {kind!r}")
+                    raise ScoreactionError(f"type must be 'item', 'comparison' or 'queue', found {kind!r}")
             except (KeyError, TypeError, ValueError, binascii.Error) as err:
                 detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
-                raise ValueError(f"{where}: {detail}") from None
+                raise ScoreactionError(f"{where}: {detail}") from None
     if not items and not comparisons and not queue and path.stat().st_size == 0:
-        raise ValueError(f"import file {str(path)!r} is empty")
+        raise ScoreactionError(f"import file {str(path)!r} is empty")
     return items, comparisons, queue
 
 
@@ -112,11 +122,11 @@ def read_item(record: dict) -> tuple:
     """(old id, array, task, condition, model, created) of one item line."""
     data = base64.b64decode(record["npy"], validate=True)
     if hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise ValueError("the array does not match its sha256")
+        raise ScoreactionError("the array does not match its sha256")
     array = npy_load(data)
     created = record.get("created")
     if isinstance(created, bool) or not isinstance(created, (int, float)):
-        raise ValueError(f"created must be Unix time in seconds, found {created!r}")
+        raise ScoreactionError(f"created must be Unix time in seconds, found {created!r}")
     return (as_item_id(record["id"]), array, check_name(record["task"], "task"), check_condition(record["condition"]),
             str(record.get("model", "")), float(created))
 
@@ -133,7 +143,8 @@ def import_jsonl(store: PreferenceStore, path: str | os.PathLike) -> dict:
 
         def local(old, what):
             if old not in ids:
-                raise ValueError(f"import file {str(path)!r}: {what} refers to item {old!r}, which it does not hold")
+                raise ScoreactionError(f"import file {str(path)!r}: {what} refers to item {old!r}, "
+                                       f"which it does not hold")
             return ids[old]
 
         new_comparisons = [check_comparison({**row, "left": local(row["left"], "a comparison"),
@@ -162,16 +173,16 @@ def dataset(store: PreferenceStore, task: str | None = None, labeler: str | None
     with store._tx() as con:
         rows = con.execute(sql + " ORDER BY c.id", args).fetchall()
     if not rows:
-        raise ValueError(f"preference store {str(store.path)!r} holds no answered comparisons"
+        raise ScoreactionError(f"preference store {str(store.path)!r} holds no answered comparisons"
                          + (f" for task {task!r}" if task else "") + (f" by {labeler!r}" if labeler else ""))
     tasks = sorted({row[3] for row in rows})
     if len(tasks) > 1:
-        raise ValueError(f"the comparisons span several tasks {tasks}; choose one with task=...")
+        raise ScoreactionError(f"the comparisons span several tasks {tasks}; choose one with task=...")
     ids = sorted({i for row in rows for i in row[:2]})
     arrays = dict(zip(ids, store.item_arrays(ids)))
     shapes = {arrays[i].shape for i in ids}
     if len(shapes) > 1:
-        raise ValueError(f"the items of task {tasks[0]!r} have different shapes {sorted(shapes)}")
+        raise ScoreactionError(f"the items of task {tasks[0]!r} have different shapes {sorted(shapes)}")
 
     def stack(column: int) -> torch.Tensor:
         return torch.as_tensor(np.stack([arrays[row[column]] for row in rows]), dtype=torch.float32)
@@ -182,6 +193,6 @@ def dataset(store: PreferenceStore, task: str | None = None, labeler: str | None
     elif all(isinstance(c, int) for c in conditions):
         cond = torch.tensor(conditions, dtype=torch.long)
     else:
-        raise ValueError("only class-label conditions (int) can become `cond`; found text prompts or a mix")
+        raise ScoreactionError("only class-label conditions (int) can become `cond`; found text prompts or a mix")
     choice = torch.tensor([CHOICE_VALUE[row[2]] for row in rows], dtype=torch.float32)
     return Comparisons(left=stack(0), right=stack(1), choice=choice, cond=cond)

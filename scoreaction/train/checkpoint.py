@@ -1,16 +1,30 @@
 """Checkpoints: safetensors for tensors, JSON for everything else; never pickle.
 
-A checkpoint is a folder written atomically (built beside its final name, then renamed into place):
+A run folder holds its checkpoints, each under a new name, and a pointer to the newest:
 
-    model.safetensors      the policy's trainable weights (policy.state_dict())
-    train.safetensors      optimiser tensors, algorithm modules and optimisers, RNG state
-    state.json             config, step, metrics, optimiser hyper-parameters, algorithm metadata
+    RUN/checkpoints/step-000020/    one checkpoint, a folder written atomically (io.atomic_folder):
+        model.safetensors           the policy's trainable weights (policy.state_dict())
+        train.safetensors           optimiser tensors, algorithm modules and optimisers, RNG state ('rng')
+        state.json                  config, step, trajectories, metrics, optimiser hyper-parameters,
+                                    algorithm metadata
+    RUN/checkpoints/latest          the newest checkpoint's name ("step-000020\n"), switched by
+                                    writing a new pointer file beside it and renaming it over the old
+
+A kill at any moment leaves every checkpoint folder whole or absent, and `latest` naming a whole one,
+with two exceptions the readers handle: a kill while a folder of the same name is rewritten (the
+trainer's final save at a step that was just checkpointed) leaves its previous version as
+`.NAME.old-PID`, and a disk or a user can still damage a file. `resolve` of a run folder therefore
+takes the newest intact checkpoint, warning on stderr when that is not the one `latest` names; a
+checkpoint folder named explicitly is loaded as it is, and a damaged one is an error. `save` first
+removes what killed writers left behind (`clean_stale`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +32,22 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scoreaction.io import atomic_folder, atomic_write_bytes
+from scoreaction.config import shown
+from scoreaction.errors import CheckpointError
+from scoreaction.io import STALE, atomic_folder, atomic_write_bytes, remove_stale
 
 FILES = ("model.safetensors", "train.safetensors", "state.json")
+LATEST = "latest"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # what `latest` may name: a folder beside it
+STEP = re.compile(r"^step-(\d+)$")
+# keys of state.json that loading needs, with their JSON types
+STATE_KEYS = {"config": dict, "step": int, "trajectories": int, "optimizer": dict, "algorithm_optimizers": dict}
+MAX_HEADER = 100 * 2**20  # a safetensors header above this is corrupt
+
+_warned: set[str] = set()
 
 
+# --- optimisers --------------------------------------------------------------------------------------
 def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimiser's state_dict into tensors (safetensors) and the rest (JSON)."""
     sd = opt.state_dict()
@@ -37,57 +62,211 @@ def optimizer_state(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, 
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    head = f"{prefix}.state."
-    for name, value in tensors.items():
-        if name.startswith(head):
-            idx, key = name[len(head):].split(".", 1)
+    """Inverse of `optimizer_state`; state that does not fit `opt` is a CheckpointError."""
+    try:
+        state: dict[int, dict[str, Any]] = {}
+        head = f"{prefix}.state."
+        for name, value in tensors.items():
+            if name.startswith(head):
+                idx, key = name[len(head):].split(".", 1)
+                state.setdefault(int(idx), {})[key] = value
+        for name, value in meta.get("scalars", {}).items():
+            idx, key = name.split(".", 1)
             state.setdefault(int(idx), {})[key] = value
-    for name, value in meta.get("scalars", {}).items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        raise CheckpointError(f"the checkpoint's optimiser state {prefix!r} does not fit this run "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 
-def save(folder: str | os.PathLike, *, model: dict[str, torch.Tensor], train: dict[str, torch.Tensor], state: dict) -> Path:
+# --- writing -----------------------------------------------------------------------------------------
+def save(folder: str | os.PathLike, *, model: dict[str, torch.Tensor], train: dict[str, torch.Tensor],
+         state: dict) -> Path:
+    """Write one checkpoint folder atomically (see the module docstring), after `clean_stale`."""
+    folder = Path(folder)
+    if folder.parent.name == "checkpoints":  # a run folder's: see the module docstring
+        clean_stale(folder.parent.parent)
     with atomic_folder(folder) as tmp:
         save_file({k: v.detach().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
         save_file({k: v.detach().contiguous() for k, v in train.items()}, str(tmp / "train.safetensors"))
-        atomic_write_bytes(tmp / "state.json", json.dumps(state, indent=1, default=float).encode())
-    return Path(folder)
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
+    return folder
 
 
-def load(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """(model tensors, train tensors, state); a missing or corrupt file is a ValueError naming it."""
-    folder = Path(folder)
+def mark_latest(run_dir: str | os.PathLike, name: str) -> None:
+    """Point RUN/checkpoints/latest at the checkpoint folder `name`, atomically (write, then rename)."""
+    if not NAME.match(name) or not (Path(run_dir) / "checkpoints" / name).is_dir():
+        raise CheckpointError(f"latest must name a checkpoint folder in {str(Path(run_dir) / 'checkpoints')!r}, "
+                              f"found {name!r}")
+    atomic_write_bytes(Path(run_dir) / "checkpoints" / LATEST, (name + "\n").encode())
+
+
+def clean_stale(run_dir: str | os.PathLike) -> list[str]:
+    """Remove the temporaries that killed writers left in a run folder: `.NAME.tmp-PID` files and
+    folders in RUN/checkpoints (and of RUN's own files), and `.NAME.old-PID` folders, restored to NAME
+    where a kill left NAME missing. Those of a process still running are kept. Returns their names."""
+    run_dir = Path(run_dir)
+    return remove_stale(run_dir / "checkpoints") + remove_stale(run_dir, names=("config.json", "metrics.jsonl"))
+
+
+# --- reading -----------------------------------------------------------------------------------------
+def check_state(state, where: str) -> dict:
+    """A state.json's content, checked to hold what loading needs (STATE_KEYS, optimizer.param_groups);
+    otherwise a one-line CheckpointError naming the file `where` and the key."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint file {where!r} must hold a JSON object, found {_json_kind(state)}")
+    for key, kind in STATE_KEYS.items():
+        if key not in state:
+            raise CheckpointError(f"checkpoint file {where!r} lacks the key {key!r}")
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            expected = "an integer >= 0" if kind is int else "a JSON object"
+            raise CheckpointError(f"checkpoint file {where!r}: {key} must be {expected}, found {shown(value)}")
+    if not isinstance(state["optimizer"].get("param_groups"), list):
+        raise CheckpointError(f"checkpoint file {where!r}: optimizer lacks the key 'param_groups' (a list)")
+    return state
+
+
+def read_state(path: Path) -> dict:
+    """state.json, parsed and checked."""
+    try:
+        state = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        detail = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
+        raise CheckpointError(f"checkpoint file {str(path)!r} is not valid JSON ({detail})") from None
+    return check_state(state, str(path))
+
+
+def check_safetensors(path: Path) -> None:
+    """Whether a safetensors file is whole, from its header alone: its JSON parses and the tensors it
+    lists end exactly at the end of the file (a truncated or padded file does not)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > min(size - 8, MAX_HEADER):
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(n))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as err:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is truncated or corrupt ({err})") from None
+    if 8 + n + end != size:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is truncated or corrupt ({size} bytes, its header "
+                              f"describes {8 + n + end})")
+
+
+def check_folder(folder: Path) -> None:
+    """Whether a checkpoint folder is intact, without reading its tensors: every file present, the
+    safetensors headers consistent with the file sizes, state.json valid. A CheckpointError says why not."""
     if not folder.is_dir():
-        raise ValueError(f"checkpoint {str(folder)!r} is not a folder")
+        raise CheckpointError(f"checkpoint {str(folder)!r} is not a folder"
+                              + (" (it does not exist)" if not folder.exists() else ""))
     for name in FILES:
         if not (folder / name).is_file():
-            raise ValueError(f"checkpoint {str(folder)!r} is missing {name}")
+            raise CheckpointError(f"checkpoint {str(folder)!r} is missing {name}")
+    for name in FILES[:2]:
+        check_safetensors(folder / name)
+    read_state(folder / "state.json")
+
+
+def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(model tensors, train tensors, state) of a checkpoint folder, or of a run folder's newest intact
+    checkpoint (`resolve`); a missing or damaged file is a CheckpointError naming it."""
+    folder = resolve(path)
+    check_folder(folder)
     tensors = []
     for name in FILES[:2]:
         try:
             tensors.append(load_file(str(folder / name)))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"checkpoint file {str(folder / name)!r} is truncated or corrupt ({err})") from None
-    try:
-        state = json.loads((folder / "state.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"checkpoint file {str(folder / 'state.json')!r} is not valid JSON") from None
-    return tensors[0], tensors[1], state
+        except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
+            detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CheckpointError(f"checkpoint file {str(folder / name)!r} is truncated or corrupt "
+                                  f"({detail})") from None
+    model, train = tensors
+    rng = train.get("rng")
+    expected = torch.Generator().get_state()
+    if rng is None or rng.dtype != expected.dtype or rng.shape != expected.shape:
+        found = "nothing" if rng is None else f"{rng.dtype} of shape {tuple(rng.shape)}"
+        raise CheckpointError(f"checkpoint file {str(folder / 'train.safetensors')!r} lacks the generator state "
+                              f"'rng' (uint8 of shape {tuple(expected.shape)}); found {found}")
+    return model, train, read_state(folder / "state.json")
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, or a run folder whose checkpoints/latest names one."""
+    """The checkpoint folder a path means: a checkpoint folder as it is (intact or not: loading it says),
+    or for a run folder (or its checkpoints/) the newest intact checkpoint, preferring the one `latest`
+    names. When that one is damaged or missing, a one-line warning on stderr says which is used instead;
+    when none is intact, a CheckpointError says why the one `latest` names is not."""
     path = Path(path)
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file():
-        return path / "checkpoints" / latest.read_text().strip()
-    if (path / "state.json").exists() or not path.exists():
+    if not path.exists():
+        return path  # loading it says that it does not exist
+    if not path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is a file, not a checkpoint or run folder")
+    if any((path / name).exists() for name in FILES):
         return path
-    raise ValueError(f"{str(path)!r} is neither a checkpoint nor a run folder with checkpoints/latest")
+    if path.name == "checkpoints" and (path / LATEST).is_file():
+        path = path.parent
+    checkpoints = path / "checkpoints"
+    if not checkpoints.is_dir():
+        raise CheckpointError(f"{str(path)!r} is neither a checkpoint nor a run folder with checkpoints/latest")
+    named, why = _latest_name(checkpoints)
+    if named is not None and not (checkpoints / named).is_dir():
+        why = f"checkpoint {str(checkpoints / named)!r} that {LATEST} names is missing"
+    problems = []
+    for folder in _candidates(checkpoints, named):
+        try:
+            check_folder(folder)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        if folder.name != named:
+            _warn(f"{why or problems[0]}; using {str(folder)!r} instead")
+        return folder
+    if not problems:
+        raise CheckpointError(f"run folder {str(path)!r} has no checkpoint ({why or 'checkpoints/ is empty'})")
+    raise CheckpointError(f"run folder {str(path)!r} has no intact checkpoint: {problems[0]}")
 
 
-def mark_latest(run_dir: str | os.PathLike, name: str) -> None:
-    atomic_write_bytes(Path(run_dir) / "checkpoints" / "latest", (name + "\n").encode())
+def _latest_name(checkpoints: Path) -> tuple[str | None, str | None]:
+    """(the name `latest` holds, None), or (None, why it cannot be used)."""
+    pointer = checkpoints / LATEST
+    if not pointer.is_file():
+        return None, f"{str(pointer)!r} is missing"
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if not NAME.match(name):
+        return None, f"{str(pointer)!r} does not name a checkpoint (found {shown(name)})"
+    return name, None
+
+
+def _candidates(checkpoints: Path, named: str | None) -> list[Path]:
+    """Checkpoint folders to try, best first: the one `latest` names (or, if a kill left it missing
+    while it was replaced, its previous version `.NAME.old-PID`), then the other step-N folders (and
+    old versions of missing ones), newest step first."""
+    by_name: dict[str, list[Path]] = {}
+    for entry in checkpoints.iterdir():
+        stale = STALE.match(entry.name)
+        if stale and stale["kind"] == "old" and entry.is_dir():
+            by_name.setdefault(stale["name"], []).append(entry)
+        elif entry.is_dir() and not entry.name.startswith("."):
+            by_name.setdefault(entry.name, []).insert(0, entry)  # the folder itself before old versions
+    for name, folders in by_name.items():
+        if folders[0].name == name:
+            del folders[1:]  # the folder exists: its old versions are leftovers
+    ordered = by_name.pop(named, []) if named else []
+    steps = sorted((n for n in by_name if STEP.match(n)), key=lambda n: int(STEP.match(n)[1]), reverse=True)
+    return ordered + [folder for name in steps for folder in by_name[name]]
+
+
+def _warn(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        sys.stderr.write(f"scoreaction: warning: {message}\n")
+        sys.stderr.flush()
+
+
+def _json_kind(value) -> str:
+    kinds = {list: "a JSON list", str: "a JSON string", bool: "a JSON boolean", type(None): "null"}
+    return kinds.get(type(value), "a JSON number" if isinstance(value, (int, float)) else type(value).__name__)
