@@ -268,7 +268,7 @@ def sample_items(opts: AddItemsOptions) -> tuple[torch.Tensor, torch.Tensor | No
     x, _ = sample_with(policy, task, opts.solver, opts.steps, opts.n, opts.seed, pretrained=pretrained, dtype=dtype)
     # the conditions sample_with drew: the first draw of the same generator (None for unconditional tasks)
     cond = task.sample_conditions(opts.n, generator=torch.Generator().manual_seed(opts.seed))
-    return x.float(), cond, task.name, model
+    return task.observe(x).float(), cond, task.name, model
 
 
 def cmd_add_items(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scoreaction.cli.common import add_run_switches
+from scoreaction.cli.common import add_run_switches, check_folder_path
 from scoreaction.cli.options import add_config_args, add_options, assemble
 from scoreaction.config import Options, check_choice, check_nonnegative_int, check_positive_int, option
 from scoreaction.models.classifier import ClassifierTrainConfig
@@ -41,6 +41,7 @@ class PretrainConfig(Options):
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = PretrainConfig.from_dict(assemble(args), "for pretrain")
+    check_folder_path(cfg.out)
     torch.set_num_threads(cfg.threads)
     log = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
     manifest = PRETRAINERS[cfg.task](cfg.out, steps=cfg.steps, seed=cfg.seed, evaluate=cfg.evaluate, log=log,

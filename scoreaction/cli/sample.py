@@ -13,7 +13,14 @@ from tqdm.auto import tqdm
 
 from scoreaction.cli.common import add_run_switches, check_new_file, fmt_vec, save_npz, set_threads
 from scoreaction.cli.options import add_config_args, add_options, assemble, section
-from scoreaction.config import Options, check_choice, check_nonnegative, check_positive_int, option
+from scoreaction.config import (
+    Options,
+    check_choice,
+    check_nonnegative,
+    check_nonnegative_int,
+    check_positive_int,
+    option,
+)
 from scoreaction.io import image_grid, save_png
 from scoreaction.metrics import fit_gaussian, gaussian_kl, mean_and_se
 from scoreaction.samplers import GRIDS, SOLVERS, get_solver
@@ -46,6 +53,7 @@ class SampleConfig(Options):
 
     def __post_init__(self):
         get_solver(self.solver)
+        check_nonnegative_int("seed", self.seed)
         check_choice("grid", self.grid, (*GRIDS, "scheduler"))
         check_device(self.device)
         check_positive_int("steps", self.steps)

@@ -8,7 +8,7 @@ import torch
 
 from scoreaction.algorithms.base import Transitions
 from scoreaction.tasks import make_task
-from scoreaction.train import Trainer, TrainConfig
+from scoreaction.train import TrainConfig, Trainer
 from tests.helpers import one_line_error, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore")
