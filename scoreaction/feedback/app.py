@@ -22,7 +22,6 @@ files are read into memory when the app is built.
 from __future__ import annotations
 
 import random
-import reprlib
 import threading
 from importlib import resources
 from typing import Annotated, Literal
@@ -35,6 +34,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
+from scoreaction.config import shown
 from scoreaction.feedback.render import Renderer
 from scoreaction.feedback.store import CHOICES, AlreadyAnswered, PreferenceStore, StoreError, UnknownItem
 
@@ -196,18 +196,6 @@ def item_png(item_id: ItemId, state: State) -> Response:
 
 
 # --- errors, limits, headers -------------------------------------------------------------------------
-_shown = reprlib.Repr()
-_shown.maxlevel, _shown.maxstring, _shown.maxother, _shown.maxlong = 3, 60, 60, 40
-
-
-def shown(value) -> str:
-    """A short repr of a request value, whatever it is (huge integers, deep lists)."""
-    try:
-        return _shown.repr(value)
-    except (ValueError, RecursionError):
-        return f"a {type(value).__name__} too large to show"
-
-
 def validation_error(errors: list[dict]) -> tuple[int, str]:
     """(status, message) for what FastAPI found wrong with a request: see the module docstring."""
     if any(e["loc"][0] == "path" for e in errors):  # /api/items/<not a 64-bit id>.png
