@@ -16,6 +16,7 @@ CPU generator, so a seed gives the same rollouts on every device.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -117,12 +118,25 @@ class Trainer:
                                    group=cfg.algo.samples_per_condition)
         x0, cond = x0.to(self.device), None if cond is None else cond.to(self.device)
         chunk = cfg.rollout_batch or cfg.batch_size
-        traj = Trajectory.cat([self.policy.rollout(x0[i:i + chunk], ts, None if cond is None else cond[i:i + chunk],
-                                                   generator=self.generator)
-                               for i in range(0, cfg.batch_size, chunk)])
-        with torch.no_grad():
+        with self.clock("rollout"):
+            traj = Trajectory.cat([self.policy.rollout(x0[i:i + chunk], ts, None if cond is None else cond[i:i + chunk],
+                                                       generator=self.generator)
+                                   for i in range(0, cfg.batch_size, chunk)])
+        with self.clock("reward"), torch.no_grad():
             r = check_reward(self.task.reward(traj.x_final, cond), cfg.batch_size, f"update {self.step + 1}")
         return Batch(traj=traj, rewards=r.to(self.dtype), beta_kl=self.task.beta_kl)
+
+    @contextlib.contextmanager
+    def clock(self, phase: str):
+        """Add the wall time of a phase of the update to `seconds_{phase}` (synchronising an accelerator first, so
+        that its queued work is counted where it was issued)."""
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
 
     def micro_batches(self, minibatch) -> list:
         """(part, weight) pairs of a minibatch of transitions: weights are the parts' shares of its items."""
@@ -162,7 +176,7 @@ class Trainer:
         return float(norm), diag
 
     def update(self) -> dict:
-        start = time.perf_counter()
+        start, self.times = time.perf_counter(), {}
         batch = self.collect()
         self.trajectories += self.config.batch_size
         bad = int((~torch.isfinite(batch.rewards)).sum())
@@ -181,17 +195,19 @@ class Trainer:
         with torch.no_grad():
             watched = {f"{name}_mean": float(f(batch.traj.x_final, batch.traj.cond).mean())
                        for name, f in self.monitors.items()}
-        data, metrics = self.algorithm.prepare(batch, self.generator)
+        with self.clock("prepare"):
+            data, metrics = self.algorithm.prepare(batch, self.generator)
         metrics.update(watched)
         diags, grad_norms, skipped_steps, self.rolled_back = [], [], 0, 0
-        for _ in range(self.algorithm.config.epochs):
-            for mb in self.algorithm.minibatches(data, self.generator):
-                done = self.optimiser_step(mb)
-                if done is None:
-                    skipped_steps += 1
-                    continue
-                grad_norms.append(done[0])
-                diags.append(done[1])
+        with self.clock("update"):
+            for _ in range(self.algorithm.config.epochs):
+                for mb in self.algorithm.minibatches(data, self.generator):
+                    done = self.optimiser_step(mb)
+                    if done is None:
+                        skipped_steps += 1
+                        continue
+                    grad_norms.append(done[0])
+                    diags.append(done[1])
         self.step += 1
         self.last_samples = batch.traj.x_final[:8].detach()
         if self.rolled_back:
@@ -204,7 +220,8 @@ class Trainer:
             "reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
             "path_kl": float(batch.traj.path_kl.mean()), "J": float(objective.mean()),
             "grad_norm": _mean(grad_norms), "skipped_steps": skipped_steps, "rolled_back": self.rolled_back,
-            "seconds": elapsed, "samples_per_s": self.config.batch_size / elapsed, "lr": lr,
+            "seconds": elapsed, **{f"seconds_{k}": v for k, v in self.times.items()},
+            "samples_per_s": self.config.batch_size / elapsed, "lr": lr,
             **self.memory(),
             **{key: _mean([d[key] for d in diags if key in d]) for key in ("loss", "approx_kl", "clipfrac", "ratio_mean")},
         })
@@ -374,6 +391,11 @@ class Board:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _mean(values: list) -> float:
