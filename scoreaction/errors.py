@@ -18,6 +18,8 @@ class ScoreactionError(ValueError):
 class ConfigError(ScoreactionError):
     """A bad option value, key or config file."""
 
+    shared = True  # every process of a several-process run finds it: only process 0 prints it
+
 
 class CheckpointError(ScoreactionError):
     """A checkpoint (or a run folder's checkpoints) missing, damaged, or not a checkpoint at all."""

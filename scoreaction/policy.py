@@ -217,28 +217,36 @@ class ScoreAsAction(nn.Module):
                           kl=self.kl(t0, t1, mu, s_pre), log_ratio=log_prob - gaussian_log_prob(x_next, mean_pre, std),
                           x0_hat=self.path.tweedie(mu, self.path.T - as_time(t0), x), s_pre=s_pre)
 
-    def rollout(self, x_init: torch.Tensor, ts: torch.Tensor, cond=None, *,
-                generator: torch.Generator | None = None, grad: bool = False) -> Trajectory:
+    def rollout(self, x_init: torch.Tensor, ts: torch.Tensor, cond=None, *, generator: torch.Generator | None = None,
+                grad: bool = False, chunk: int | None = None, draw: Callable | None = None) -> Trajectory:
         """Roll the policy out from X_0 = x_init (RL time ts[0]) over the grid ts.
 
-        With grad=False (collection for policy-gradient methods) nothing is recorded for autograd."""
+        With grad=False (collection for policy-gradient methods) nothing is recorded for autograd. `chunk`:
+        samples per forward pass; the chunks advance step by step together and each step's noise is drawn
+        once for the batch, so the chunk size never changes the result. `draw(x) -> z`: a step's standard
+        normal draws (default `draw_normal` from `generator`; data-parallel training draws the whole batch's)."""
         ts = check_grid(self.path, ts)
-        xs, noises, log_probs, kls, log_ratios, x0_hats, pre = [x_init], [], [], [], [], [], []
+        n = x_init.shape[0]
+        chunk = chunk or n
+        steps, xs = [], [x_init]
         with torch.set_grad_enabled(grad):
             x = x_init
             for k in range(len(ts) - 1):
-                out = self.step(float(ts[k]), float(ts[k + 1]), x, cond, generator=generator)
-                x = out.x_next
+                z = draw(x) if draw is not None else draw_normal(x, generator)
+                parts = [self.step(float(ts[k]), float(ts[k + 1]), x[i:i + chunk],
+                                   None if cond is None else cond[i:i + chunk], noise=z[i:i + chunk])
+                         for i in range(0, n, chunk)]
+                steps.append({name: _join([getattr(p, name) for p in parts])
+                              for name in ("x_next", "noise", "log_prob", "kl", "log_ratio", "x0_hat", "s_pre")})
+                x = steps[-1]["x_next"]
                 xs.append(x)
-                noises.append(out.noise)
-                log_probs.append(out.log_prob)
-                kls.append(out.kl)
-                log_ratios.append(out.log_ratio)
-                x0_hats.append(out.x0_hat)
-                pre.append(out.s_pre)
-        return Trajectory(xs=torch.stack(xs), ts=ts, log_probs=torch.stack(log_probs), kls=torch.stack(kls),
-                          log_ratios=torch.stack(log_ratios), x0_hats=torch.stack(x0_hats), noises=torch.stack(noises),
-                          cond=cond, pre_scores=torch.stack(pre))
+
+        def stack(name):
+            return torch.stack([s[name] for s in steps])
+
+        return Trajectory(xs=torch.stack(xs), ts=ts, log_probs=stack("log_prob"), kls=stack("kl"),
+                          log_ratios=stack("log_ratio"), x0_hats=stack("x0_hat"), noises=stack("noise"),
+                          cond=cond, pre_scores=stack("s_pre"))
 
     def rescore(self, traj: Trajectory) -> torch.Tensor:
         """log-probs (K, B) of a stored trajectory's transitions under the current parameters."""
@@ -255,6 +263,10 @@ def draw_normal(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     noise on every device."""
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+
+
+def _join(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _sum(v: torch.Tensor) -> torch.Tensor:

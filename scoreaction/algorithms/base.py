@@ -2,8 +2,12 @@
 
 An algorithm turns one batch of rollouts into minibatches (`prepare`, where advantages are computed
 and a value net may be fitted) and a minibatch into a loss (`loss(policy, minibatch) -> loss,
-metrics`). It does no I/O; the trainer owns the optimiser of the policy, the loop and the logs.
-Clock: RL time t throughout.
+metrics`, a mean over the minibatch's items). It does no I/O; the trainer owns the optimiser of the
+policy, the loop and the logs. Clock: RL time t throughout.
+
+Several processes: `prepare` sees this process's shard of the batch and gathers what it needs over the
+whole batch through `self.world` (scoreaction/distributed.py); `minibatches` are index sets over the
+whole batch, of which each process holds its members.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 
 from scoreaction.config import Options, check_choice, check_positive, check_positive_int
+from scoreaction.distributed import World
 from scoreaction.policy import ScoreAsAction, Trajectory, gaussian_log_prob
 
 if TYPE_CHECKING:
@@ -100,6 +105,11 @@ class Transitions:
     def __len__(self) -> int:
         return len(self.log_prob)
 
+    @property
+    def samples(self) -> int:
+        """Rollouts the transitions come from (of a whole, unselected set)."""
+        return len(self) // (int(self.k.max()) + 1)
+
     def select(self, idx: torch.Tensor) -> "Transitions":
         return Transitions(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[idx])
                               for f in fields(self)})
@@ -163,6 +173,7 @@ class Algorithm:
 
     def __init__(self, policy: ScoreAsAction, task: Task, config: AlgorithmConfig):
         self.policy, self.task, self.config = policy, task, config
+        self.world = World()  # the trainer's, when it runs on several processes
 
     def ratio_dims(self, mb: Transitions) -> int:
         """What the log-ratio is divided by: 1 (`ratio: sum`) or the number of values in a sample (`mean`)."""
@@ -178,8 +189,10 @@ class Algorithm:
         raise NotImplementedError
 
     def minibatches(self, data: Transitions, generator: torch.Generator | None = None) -> Iterable:
-        for idx in minibatch_indices(len(data), self.config.minibatches, generator):
-            yield data.select(idx)
+        """(this process's items of a minibatch, the minibatch's size over all processes) pairs: random
+        minibatches of the whole batch's items, drawn alike by every process."""
+        for idx in minibatch_indices(self.world.size * len(data), self.config.minibatches, generator):
+            yield data.select(self.world.members(idx, data.samples)), len(idx)
 
     def loss(self, policy: ScoreAsAction, minibatch) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

@@ -90,19 +90,24 @@ class CTRL(Algorithm):
         s_pre = None if traj.pre_scores is None else traj.pre_scores.flatten(0, 1)
         with torch.no_grad():
             base = self.value.base(t, x, cond, s_pre)
-        losses = []
-        for _ in range(self.config.value_epochs):
-            for idx in minibatch_indices(len(target), self.config.value_minibatches, generator):
-                pred = self.value(t[idx], x[idx], None if cond is None else cond[idx], base=base[idx])
-                loss = torch.mean((pred - target[idx]) ** 2)
+        params = list(self.value.parameters())
+        for _ in range(self.config.value_epochs):  # minibatches of the whole batch's states; this process's part
+            for idx in minibatch_indices(self.world.size * len(target), self.config.value_minibatches, generator):
+                mine = self.world.members(idx, B)
                 self.value_opt.zero_grad()
-                loss.backward()
+                loss = torch.zeros((), dtype=target.dtype, device=target.device)
+                if len(mine):
+                    pred = self.value(t[mine], x[mine], None if cond is None else cond[mine], base=base[mine])
+                    loss = torch.sum((pred - target[mine]) ** 2) / len(idx)
+                    loss.backward()
+                self.world.sum_gradients(params)
                 self.value_opt.step()
-                losses.append(loss.item())
         with torch.no_grad():
             v = self.value(t, x, cond, base=base)
-        explained = 1.0 - float(torch.var(target - v) / (torch.var(target) + 1e-12))
-        return {"value_loss": losses[-1], "value_explained_var": explained, "values": v.reshape(K, B)}
+        error, target_all = self.world.gather(target - v), self.world.gather(target)
+        explained = 1.0 - float(torch.var(error) / (torch.var(target_all) + 1e-12))
+        return {"value_loss": float(self.world.sum(loss.detach())), "value_explained_var": explained,
+                "values": v.reshape(K, B)}
 
     def advantages(self, batch: Batch, values: torch.Tensor) -> torch.Tensor:
         traj = batch.traj
@@ -130,8 +135,8 @@ class CTRL(Algorithm):
         fit = self.fit_value(batch, generator)
         with torch.no_grad():
             adv = self.advantages(batch, fit.pop("values"))
-        adv, self.kl_scale = normalise(adv, self.config.normalize)
-        return Transitions.from_trajectory(batch.traj, adv), fit
+        adv, self.kl_scale = normalise(self.world.gather(adv, dim=1), self.config.normalize)  # over the whole batch
+        return Transitions.from_trajectory(batch.traj, self.world.shard(adv, dim=1)), fit
 
     # --- step 4: the PPO surrogate with the direct KL gradient (E14) --------------------------------
     def loss(self, policy, mb: Transitions):

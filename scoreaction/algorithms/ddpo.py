@@ -84,9 +84,10 @@ class DDPO(Algorithm):
 
     def prepare(self, batch: Batch, generator=None):
         K = batch.traj.steps
-        r = self.terminal_reward(batch)
-        adv = self.stats.normalise(r, prompt_keys(batch.traj.cond, len(r))).clamp(-self.config.adv_clip,
-                                                                                   self.config.adv_clip)
+        r = self.world.gather(self.terminal_reward(batch))  # statistics of the whole batch, on every process
+        cond = self.world.gather(batch.traj.cond)
+        adv = self.stats.normalise(r, prompt_keys(cond, len(r))).clamp(-self.config.adv_clip, self.config.adv_clip)
+        adv = self.world.shard(adv)
         return Transitions.from_trajectory(batch.traj, adv.unsqueeze(0).expand(K, -1)), {}
 
     def loss(self, policy, mb: Transitions):

@@ -35,9 +35,11 @@ class DPOK(Algorithm):
     Config = DPOKConfig
 
     def prepare(self, batch: Batch, generator=None):
-        r = batch.rewards - batch.rewards.mean()
+        rewards = self.world.gather(batch.rewards)
+        r = rewards - rewards.mean()
         if self.config.reward_scaling == "normalize":
-            r = r / (batch.rewards.std() + 1e-8)
+            r = r / (rewards.std() + 1e-8)
+        r = self.world.shard(r)
         return Transitions.from_trajectory(batch.traj, r.unsqueeze(0).expand(batch.traj.steps, -1)), {}
 
     def loss(self, policy, mb: Transitions):

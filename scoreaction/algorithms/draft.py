@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scoreaction.algorithms.base import Algorithm, AlgorithmConfig, Batch, minibatch_indices
+from scoreaction.algorithms.base import Algorithm, AlgorithmConfig, Batch
 from scoreaction.config import check_nonnegative_int
 
 
@@ -39,22 +39,35 @@ class DRaFT(Algorithm):
             raise ValueError(f"draft needs a differentiable reward, found {type(task.reward).__name__}")
 
     def prepare(self, batch: Batch, generator=None):
-        return batch, {}
+        return Samples(batch, torch.arange(len(batch.rewards))), {}
 
-    def minibatches(self, batch: Batch, generator=None):
-        for idx in minibatch_indices(len(batch.rewards), self.config.minibatches, generator):
-            yield batch, idx
-
-    def loss(self, policy, minibatch):
-        batch, idx = minibatch
-        traj = batch.traj
+    def loss(self, policy, mb: "Samples"):
+        traj, idx = mb.batch.traj, mb.idx
         K = traj.steps
         start = 0 if self.config.last_k == 0 else max(K - self.config.last_k, 0)
         cond = None if traj.cond is None else traj.cond[idx]
         x = traj.xs[start, idx]
-        kl = torch.zeros(len(idx), dtype=x.dtype)
+        kl = torch.zeros(len(idx), dtype=x.dtype, device=x.device)
         for k in range(start, K):
             out = policy.step(float(traj.ts[k]), float(traj.ts[k + 1]), x, cond, noise=traj.noises[k, idx])
             x, kl = out.x_next, kl + out.kl
         objective = self.task.reward(x, cond) - self.beta_kl * kl
         return -objective.mean(), {}
+
+
+@dataclass
+class Samples:
+    """Whole samples of a batch (DRaFT's unit): the rollouts `idx` of `batch`."""
+
+    batch: Batch
+    idx: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    @property
+    def samples(self) -> int:
+        return len(self.idx)
+
+    def select(self, i: torch.Tensor) -> "Samples":
+        return Samples(self.batch, self.idx[i])

@@ -39,9 +39,10 @@ class GRPO(Algorithm):
     Config = GRPOConfig
 
     def prepare(self, batch: Batch, generator=None):
-        r = batch.sampled_objective if self.config.fold_kl else batch.rewards
+        r = self.world.gather(batch.sampled_objective if self.config.fold_kl else batch.rewards)
         groups = r.reshape(-1, self.config.group_size)  # TrainConfig checks that group_size divides the batch
         adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-6)).reshape(-1)
+        adv = self.world.shard(adv)
         return Transitions.from_trajectory(batch.traj, adv.unsqueeze(0).expand(batch.traj.steps, -1)), {}
 
     def loss(self, policy, mb: Transitions):

@@ -7,6 +7,7 @@ the user typed produces a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError, yaml.YAMLError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        sys.stderr.write(f"scoreaction: error: {message}\n")
+        if os.environ.get("RANK", "0") == "0" or not getattr(err, "shared", False):  # shared: every process says it
+            sys.stderr.write(f"scoreaction: error: {message}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("scoreaction: interrupted\n")

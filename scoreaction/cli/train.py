@@ -30,9 +30,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer.from_checkpoint(args.resume, values, progress=not args.quiet)
     else:
         trainer = Trainer(TrainConfig.from_dict(values, "for training"), progress=not args.quiet)
-    last = trainer.run()
-    print(f"run folder {trainer.run_dir} (checkpoints/, metrics.jsonl, config.json)")
-    print_table(last, SUMMARY_KEYS)
+    try:
+        last = trainer.run()
+    finally:
+        trainer.world.close()
+    if trainer.world.main:
+        print(f"run folder {trainer.run_dir} (checkpoints/, metrics.jsonl, config.json)")
+        print_table(last, SUMMARY_KEYS)
     return 0
 
 

@@ -28,6 +28,7 @@ from scoreaction.config import (
     check_choice,
     check_nonnegative,
     check_nonnegative_int,
+    check_positive,
     check_positive_int,
     option,
 )
@@ -94,6 +95,8 @@ class TrainConfig(Options):
     eval_steps: int | None = option(None, help="evaluation grid steps (default: the task's)")
     checkpoint_every: int = option(0, help="write a checkpoint every N updates (0: only at the end)")
     max_skipped: int = option(5, help="consecutive batches with a non-finite reward before the run stops")
+    timeout: float = option(1800.0, help="seconds a process of a several-process run (torchrun) waits for the "
+                                         "others at a collective before it stops with an error")
     out: str = option("runs/train", help="run folder")
 
     def __post_init__(self):
@@ -120,6 +123,7 @@ class TrainConfig(Options):
         check_device(self.device)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_nonnegative("action_noise", self.action_noise)
+        check_positive("timeout", self.timeout)
         group = self.algo.samples_per_condition
         if self.batch_size % group:
             raise ValueError(f"batch_size must be a multiple of {self.algorithm}'s group_size={group}, "

@@ -12,6 +12,10 @@ Memory: rollouts run in chunks of `rollout_batch`, and each minibatch's loss in 
 one a single pass over the minibatch gives: every algorithm's loss is a mean over its items). The
 device (`device`) holds the policy, the pretrained model and the reward; random draws come from one
 CPU generator, so a seed gives the same rollouts on every device.
+
+Several processes (torchrun): each rolls out and rewards its shard of the batch, micro-batches span
+processes, and process 0 alone writes; the run is the one-process run to float tolerance
+(scoreaction/distributed.py).
 """
 
 from __future__ import annotations
@@ -29,12 +33,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from scoreaction import distributed
 from scoreaction.algorithms import Batch, make_algorithm
 from scoreaction.config import merge
 from scoreaction.errors import ScoreactionError
 from scoreaction.evaluation import objective
 from scoreaction.io import atomic_write_bytes
-from scoreaction.policy import ScoreAsAction, Trajectory
+from scoreaction.policy import ScoreAsAction
 from scoreaction.tasks import make_task
 from scoreaction.train import checkpoint
 from scoreaction.train.config import TrainConfig, resolve_device
@@ -42,7 +47,8 @@ from scoreaction.train.config import TrainConfig, resolve_device
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 EVAL_SEED_OFFSET = 1_000_003
 RESUMABLE = ("updates", "eval_every", "eval_n", "eval_steps", "checkpoint_every", "max_skipped", "device",
-             "rollout_batch", "micro_batch", "tensorboard", "image_every", "out")
+             "rollout_batch", "micro_batch", "tensorboard", "image_every", "timeout", "out")
+DIAGNOSTICS = ("loss", "approx_kl", "clipfrac", "ratio_mean")
 
 
 class NonFiniteReward(ScoreactionError):
@@ -80,7 +86,10 @@ class Trainer:
         self.dtype = DTYPES[config.dtype]
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.device = resolve_device(config.device)
+        self.world = distributed.init(resolve_device(config.device), config.timeout)
+        self.device = self.world.device
+        self.world.check_batch(config.batch_size)
+        self.world.check_same(config.to_dict())
         self.task = make_task(config.task)
         self.eval_n = config.eval_n or self.task.eval_n
         self.eval_steps = config.eval_steps or self.task.eval_steps
@@ -89,10 +98,13 @@ class Trainer:
         cast_floating(self.policy, self.dtype)
         self.policy.to(self.device)
         self.algorithm = make_algorithm(config.algorithm, self.policy, self.task, config.algo)
+        self.algorithm.world = self.world
         for module in self.algorithm.modules().values():
             cast_floating(module, self.dtype)
             module.to(self.device)
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.world.broadcast([*self.params, *(p for m in self.algorithm.modules().values() for p in m.parameters())])
+        self.times: dict = {}
         self.optimizer = torch.optim.Adam(self.params, lr=self.algorithm.config.lr)
         self.step, self.trajectories, self.skipped_in_row = 0, 0, 0
         self.resumed_from: int | None = None
@@ -115,15 +127,13 @@ class Trainer:
         cfg = self.config
         ts = self.task.grid(cfg.grid, cfg.steps, generator=self.generator)
         x0, cond = self.task.start(cfg.batch_size, generator=self.generator, dtype=self.dtype,
-                                   group=cfg.algo.samples_per_condition)
-        x0, cond = x0.to(self.device), None if cond is None else cond.to(self.device)
-        chunk = cfg.rollout_batch or cfg.batch_size
+                                   group=cfg.algo.samples_per_condition)  # the whole batch's: keep this shard
+        x0, cond = self.world.shard(x0).to(self.device), None if cond is None else self.world.shard(cond).to(self.device)
         with self.clock("rollout"):
-            traj = Trajectory.cat([self.policy.rollout(x0[i:i + chunk], ts, None if cond is None else cond[i:i + chunk],
-                                                       generator=self.generator)
-                                   for i in range(0, cfg.batch_size, chunk)])
+            traj = self.policy.rollout(x0, ts, cond, chunk=cfg.rollout_batch,
+                                       draw=lambda x: self.world.draw(x, self.generator))
         with self.clock("reward"), torch.no_grad():
-            r = check_reward(self.task.reward(traj.x_final, cond), cfg.batch_size, f"update {self.step + 1}")
+            r = check_reward(self.task.reward(traj.x_final, cond), len(x0), f"update {self.step + 1}")
         return Batch(traj=traj, rewards=r.to(self.dtype), beta_kl=self.task.beta_kl)
 
     @contextlib.contextmanager
@@ -139,26 +149,40 @@ class Trainer:
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
 
     def micro_batches(self, minibatch) -> list:
-        """(part, weight) pairs of a minibatch of transitions: weights are the parts' shares of its items."""
-        size = self.config.micro_batch
-        if size is None or not hasattr(minibatch, "select") or len(minibatch) <= size:
-            return [(minibatch, 1.0)]
-        n = len(minibatch)
-        return [(minibatch.select(idx), len(idx) / n) for idx in torch.arange(n).split(size)]
+        """A minibatch's items (this process's part of it) cut into parts of at most `micro_batch`."""
+        size, n = self.config.micro_batch, len(minibatch)
+        if n == 0:
+            return []
+        if size is None or n <= size:
+            return [minibatch]
+        return [minibatch.select(idx) for idx in torch.arange(n).split(size)]
 
-    def optimiser_step(self, minibatch) -> tuple[float, dict] | None:
-        """One optimiser step on a minibatch (gradients accumulated over micro-batches); None if skipped because
-        the loss or the gradient was not finite (the weights are unchanged then)."""
+    def optimiser_step(self, minibatch, total: int) -> tuple[float, dict] | None:
+        """One optimiser step on a minibatch of `total` items over all processes, of which this process holds
+        `minibatch`: each micro-batch's mean loss is weighted by its share of the total and the gradients summed
+        (over processes too). None if skipped because a loss or the gradient was not finite anywhere (the
+        weights are unchanged then)."""
         self.optimizer.zero_grad(set_to_none=True)
-        diag: dict = {}
-        for part, weight in self.micro_batches(minibatch):
+        sums = torch.zeros(2 * len(DIAGNOSTICS) + 1, dtype=torch.float64)  # weighted values, weights, bad
+        for part in self.micro_batches(minibatch):
+            weight = len(part) / total
             loss, part_diag = self.algorithm.loss(self.policy, part)
             if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                return None
+                sums[-1] = 1.0
+                break
             (loss * weight).backward()
-            for key, value in {**part_diag, "loss": loss.item()}.items():
-                diag[key] = diag.get(key, 0.0) + weight * value
+            for i, key in enumerate(DIAGNOSTICS):
+                value = loss.item() if key == "loss" else part_diag.get(key)
+                if value is not None:
+                    sums[i] += weight * value
+                    sums[len(DIAGNOSTICS) + i] += weight
+        sums = self.world.sum(sums)
+        if sums[-1] > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.world.sum_gradients(self.params)
+        diag = {key: float(sums[i] / sums[len(DIAGNOSTICS) + i]) for i, key in enumerate(DIAGNOSTICS)
+                if sums[len(DIAGNOSTICS) + i] > 0}
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.algorithm.config.max_grad_norm)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -179,12 +203,13 @@ class Trainer:
         start, self.times = time.perf_counter(), {}
         batch = self.collect()
         self.trajectories += self.config.batch_size
-        bad = int((~torch.isfinite(batch.rewards)).sum())
+        rewards = self.world.gather(batch.rewards)  # the whole batch's, as every figure logged below
+        bad = int((~torch.isfinite(rewards)).sum())
         if bad:
             self.step += 1
             self.skipped_in_row += 1
             message = (f"update {self.step}: the reward returned {bad} non-finite value(s) in a batch of "
-                       f"{len(batch.rewards)}; update skipped")
+                       f"{len(rewards)}; update skipped")
             if self.skipped_in_row >= self.config.max_skipped:
                 raise NonFiniteReward(f"{message}; stopping after {self.skipped_in_row} such batches in a row")
             return {"step": self.step, "skipped": 1, "message": message, "trajectories": self.trajectories}
@@ -193,7 +218,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with torch.no_grad():
-            watched = {f"{name}_mean": float(f(batch.traj.x_final, batch.traj.cond).mean())
+            watched = {f"{name}_mean": float(self.world.gather(f(batch.traj.x_final, batch.traj.cond)).mean())
                        for name, f in self.monitors.items()}
         with self.clock("prepare"):
             data, metrics = self.algorithm.prepare(batch, self.generator)
@@ -201,8 +226,8 @@ class Trainer:
         diags, grad_norms, skipped_steps, self.rolled_back = [], [], 0, 0
         with self.clock("update"):
             for _ in range(self.algorithm.config.epochs):
-                for mb in self.algorithm.minibatches(data, self.generator):
-                    done = self.optimiser_step(mb)
+                for mb, total in self.algorithm.minibatches(data, self.generator):
+                    done = self.optimiser_step(mb, total)
                     if done is None:
                         skipped_steps += 1
                         continue
@@ -214,16 +239,16 @@ class Trainer:
             tqdm.write(f"scoreaction: warning: update {self.step}: {self.rolled_back} optimiser step(s) would have made "
                        f"the weights non-finite and were rolled back", file=sys.stderr)
         elapsed = time.perf_counter() - start
-        objective = batch.objective
         metrics.update({
             "step": self.step, "trajectories": self.trajectories,
-            "reward_mean": float(batch.rewards.mean()), "reward_std": float(batch.rewards.std()),
-            "path_kl": float(batch.traj.path_kl.mean()), "J": float(objective.mean()),
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "path_kl": float(self.world.gather(batch.traj.path_kl).mean()),
+            "J": float(self.world.gather(batch.objective).mean()),
             "grad_norm": _mean(grad_norms), "skipped_steps": skipped_steps, "rolled_back": self.rolled_back,
             "seconds": elapsed, **{f"seconds_{k}": v for k, v in self.times.items()},
             "samples_per_s": self.config.batch_size / elapsed, "lr": lr,
             **self.memory(),
-            **{key: _mean([d[key] for d in diags if key in d]) for key in ("loss", "approx_kl", "clipfrac", "ratio_mean")},
+            **{key: _mean([d[key] for d in diags if key in d]) for key in DIAGNOSTICS},
         })
         return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
@@ -315,6 +340,8 @@ class Trainer:
         cfg = self.config
         if self.step >= cfg.updates:  # a resume with nothing left to do writes nothing
             return {"step": self.step, "trajectories": self.trajectories}
+        if not self.world.main:
+            return self.follow()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.resumed_from is None or not (self.run_dir / "config.json").exists():
             atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
@@ -351,6 +378,15 @@ class Trainer:
                 board.close()
         last["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.save(last)
+        self.world.barrier()
+        return last
+
+    def follow(self) -> dict:
+        """The loop of processes other than 0: the same updates, no evaluation, logs or checkpoints."""
+        last: dict = {}
+        while self.step < self.config.updates:
+            last = self.update()
+        self.world.barrier()
         return last
 
     def cut_log(self, step: int) -> None:

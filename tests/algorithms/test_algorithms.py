@@ -37,7 +37,7 @@ def test_first_minibatch_is_on_policy(tmp_path, algorithm):
     tr = trainer(tmp_path, algorithm)
     batch = tr.collect()
     data, _ = tr.algorithm.prepare(batch, tr.generator)
-    mb = next(iter(tr.algorithm.minibatches(data, tr.generator)))
+    mb, _ = next(iter(tr.algorithm.minibatches(data, tr.generator)))
     _, diag = tr.algorithm.loss(tr.policy, mb)
     assert diag["ratio_mean"] == pytest.approx(1.0, abs=1e-12)
     assert diag["approx_kl"] == pytest.approx(0.0, abs=1e-12)
@@ -52,12 +52,12 @@ def test_approx_kl_measures_the_policy_move(tmp_path, algorithm):
     tr = trainer(tmp_path, algorithm, {"lr": 3e-2})
     batch = tr.collect()
     data, _ = tr.algorithm.prepare(batch, tr.generator)
-    for mb in tr.algorithm.minibatches(data, tr.generator):
+    for mb, _ in tr.algorithm.minibatches(data, tr.generator):
         loss, _ = tr.algorithm.loss(tr.policy, mb)
         tr.optimizer.zero_grad()
         loss.backward()
         tr.optimizer.step()
-    mb = next(iter(tr.algorithm.minibatches(data, tr.generator)))
+    mb, _ = next(iter(tr.algorithm.minibatches(data, tr.generator)))
     _, diag = tr.algorithm.loss(tr.policy, mb)
     with torch.no_grad():
         log_ratio = rescore(tr.policy, mb)[0] - mb.log_prob
