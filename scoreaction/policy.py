@@ -15,6 +15,10 @@ Notation, defined once:
 
 The log-prob is the full (summed) Gaussian log-density of the transition; it equals
 log pi_theta(a_k | t_k, X_k) up to a constant that cancels in every ratio.
+
+`reference = False` (what the trainer sets at beta_KL = 0 when the action does not build on s_pre, DDPO's
+setting) never evaluates the pretrained model: kl and log_ratio are zero then (not measured) and no s_pre
+is cached. On a diffusers pipeline that halves the network calls of a rollout.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class StepOutput:
     kl: torch.Tensor  # (B,), per-step KL to the pretrained transition (closed form)
     log_ratio: torch.Tensor  # (B,), log pi_theta(x_next | x) - log pi_pre(x_next | x): a one-sample KL estimate
     x0_hat: torch.Tensor  # Tweedie estimate (Eq. E2) at (t_k, X_k) from mu
-    s_pre: torch.Tensor  # the pretrained score at (t_k, X_k): fixed for the whole update, so it is cached
+    s_pre: torch.Tensor | None  # the pretrained score at (t_k, X_k), fixed for the whole update, so cached
 
 
 @dataclass
@@ -127,6 +131,7 @@ class ScoreAsAction(nn.Module):
         attach_frozen(self, "pretrained", pretrained)
         self.path, self.action = path, action
         self.eta, self.action_noise, self.kernel = float(eta), float(action_noise), kernel
+        self.reference = True
 
     # --- what a checkpoint holds: the trainable weights only (LoRA adapters, not the frozen network) ---
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -186,7 +191,7 @@ class ScoreAsAction(nn.Module):
         """(mean, std, mu, s_pre) of the Gaussian transition from RL time t0 to t1; pass `s_pre` (the
         pretrained score at (t0, x), e.g. cached in a Trajectory) to skip the pretrained model."""
         s0 = self.path.T - as_time(t0)
-        if s_pre is None:
+        if s_pre is None and self.reference:
             s_pre = self.pretrained_score(s0, x, cond)
         mu = self.score(s0, x, cond, s_pre=s_pre)
         a, b, std = self.coefficients(t0, t1)
@@ -194,7 +199,10 @@ class ScoreAsAction(nn.Module):
 
     def kl(self, t0, t1, mu: torch.Tensor, s_pre: torch.Tensor) -> torch.Tensor:
         """Per-step KL ||mean - mean_pre||^2 / (2 std^2) = ||b (mu - s_pre)||^2 / (2 std^2), without
-        cancellation, (B,); for `em` with eta > 0 this is kappa(t0) ||mu - s_pre||^2 dt (Eq. E6). Differentiable in mu."""
+        cancellation, (B,); for `em` with eta > 0 this is kappa(t0) ||mu - s_pre||^2 dt (Eq. E6). Differentiable in mu.
+        Zero where the reference is not evaluated (s_pre None)."""
+        if s_pre is None:
+            return torch.zeros(mu.shape[0], dtype=mu.dtype, device=mu.device)
         _, b, std = self.coefficients(t0, t1)
         return 0.5 * _sum((coef_like(b / std, mu) * (mu - s_pre)) ** 2)
 
@@ -211,10 +219,13 @@ class ScoreAsAction(nn.Module):
             noise = draw_normal(x, generator)
         x_next = mean + coef_like(std, x) * noise
         log_prob = gaussian_log_prob(x_next, mean, std)
-        a, b, _ = self.coefficients(t0, t1)
-        mean_pre = coef_like(a, x) * x + coef_like(b, x) * s_pre.to(x.dtype)
+        log_ratio = torch.zeros_like(log_prob)
+        if s_pre is not None:
+            a, b, _ = self.coefficients(t0, t1)
+            mean_pre = coef_like(a, x) * x + coef_like(b, x) * s_pre.to(x.dtype)
+            log_ratio = log_prob - gaussian_log_prob(x_next, mean_pre, std)
         return StepOutput(x_next=x_next, mean=mean, std=std, noise=noise, log_prob=log_prob,
-                          kl=self.kl(t0, t1, mu, s_pre), log_ratio=log_prob - gaussian_log_prob(x_next, mean_pre, std),
+                          kl=self.kl(t0, t1, mu, s_pre), log_ratio=log_ratio,
                           x0_hat=self.path.tweedie(mu, self.path.T - as_time(t0), x), s_pre=s_pre)
 
     def rollout(self, x_init: torch.Tensor, ts: torch.Tensor, cond=None, *, generator: torch.Generator | None = None,
@@ -242,7 +253,7 @@ class ScoreAsAction(nn.Module):
                 xs.append(x)
 
         def stack(name):
-            return torch.stack([s[name] for s in steps])
+            return None if steps[0][name] is None else torch.stack([s[name] for s in steps])
 
         return Trajectory(xs=torch.stack(xs), ts=ts, log_probs=stack("log_prob"), kls=stack("kl"),
                           log_ratios=stack("log_ratio"), x0_hats=stack("x0_hat"), noises=stack("noise"),
@@ -265,8 +276,8 @@ def draw_normal(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
-def _join(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def _join(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return parts[0] if len(parts) == 1 or parts[0] is None else torch.cat(parts)
 
 
 def _sum(v: torch.Tensor) -> torch.Tensor:

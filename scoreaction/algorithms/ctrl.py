@@ -88,8 +88,9 @@ class CTRL(Algorithm):
         cond = None if traj.cond is None else traj.cond.repeat(K, *[1] * (traj.cond.ndim - 1))
         target = G.flatten()
         s_pre = None if traj.pre_scores is None else traj.pre_scores.flatten(0, 1)
+        x0_hat = None if s_pre is not None else traj.x0_hats.flatten(0, 1)  # no reference run: the policy's own
         with torch.no_grad():
-            base = self.value.base(t, x, cond, s_pre)
+            base = self.value.base(t, x, cond, s_pre, x0_hat=x0_hat)
         params = list(self.value.parameters())
         for _ in range(self.config.value_epochs):  # minibatches of the whole batch's states; this process's part
             for idx in minibatch_indices(self.world.size * len(target), self.config.value_minibatches, generator):

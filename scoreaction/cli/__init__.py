@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import yaml
 
@@ -50,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError, yaml.YAMLError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if os.environ.get("RANK", "0") == "0" or not getattr(err, "shared", False):  # shared: every process says it
-            sys.stderr.write(f"scoreaction: error: {message}\n")
+        if os.environ.get("RANK", "0") != "0" and getattr(err, "shared", False):
+            time.sleep(10)  # every process found it: process 0 says it, and the launcher stops the others meanwhile
+            return 2
+        sys.stderr.write(f"scoreaction: error: {message}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("scoreaction: interrupted\n")

@@ -94,6 +94,8 @@ class Trainer:
         self.eval_n = config.eval_n or self.task.eval_n
         self.eval_steps = config.eval_steps or self.task.eval_steps
         self.policy = build_policy(self.task, config)
+        # DDPO's setting: nothing needs the pretrained model, so rollouts never evaluate it (policy.reference)
+        self.policy.reference = self.task.beta_kl > 0 or getattr(self.policy.action, "takes_pretrained", False)
         self.task.to(self.device)
         cast_floating(self.policy, self.dtype)
         self.policy.to(self.device)
@@ -242,7 +244,7 @@ class Trainer:
         metrics.update({
             "step": self.step, "trajectories": self.trajectories,
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-            "path_kl": float(self.world.gather(batch.traj.path_kl).mean()),
+            **({"path_kl": float(self.world.gather(batch.traj.path_kl).mean())} if self.policy.reference else {}),
             "J": float(self.world.gather(batch.objective).mean()),
             "grad_norm": _mean(grad_norms), "skipped_steps": skipped_steps, "rolled_back": self.rolled_back,
             "seconds": elapsed, **{f"seconds_{k}": v for k, v in self.times.items()},
@@ -269,8 +271,13 @@ class Trainer:
 
     # --- evaluation: J(theta) on a fine grid, whatever grid training used --------------------------
     def evaluate(self, steps: int | None = None, n: int | None = None) -> dict:
-        out = objective(self.policy, self.task, steps or self.eval_steps, n or self.eval_n,
-                        seed=self.config.seed + EVAL_SEED_OFFSET, dtype=self.dtype, device=self.device)
+        """J(theta) and the path KL, measured even where training does not evaluate the reference."""
+        saved, self.policy.reference = self.policy.reference, True
+        try:
+            out = objective(self.policy, self.task, steps or self.eval_steps, n or self.eval_n,
+                            seed=self.config.seed + EVAL_SEED_OFFSET, dtype=self.dtype, device=self.device)
+        finally:
+            self.policy.reference = saved
         return {f"eval_{k}": v for k, v in out.items()}
 
     # --- checkpoints ---------------------------------------------------------------------------

@@ -181,7 +181,8 @@ def test_a_hung_or_dead_process_stops_the_others(tmp_path, action):
 
 @pytest.mark.slow
 def test_resume_on_processes_that_cannot_share_the_batch_writes_nothing(tmp_path):
-    assert train(tmp_path / "run", "--updates", "1", procs=2).returncode == 0
+    first = train(tmp_path / "run", "--updates", "1", procs=2)
+    assert first.returncode == 0, first.stderr
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     done = subprocess.run([*TORCHRUN, "--nproc_per_node", "5", "-m", "scoreaction", "train", "--resume",
                            str(tmp_path / "run"), "--updates", "2", "-q"], env=ENV, capture_output=True, text=True,
