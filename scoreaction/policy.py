@@ -16,8 +16,8 @@ Notation, defined once:
 The log-prob is the full (summed) Gaussian log-density of the transition; it equals
 log pi_theta(a_k | t_k, X_k) up to a constant that cancels in every ratio.
 
-`reference = False` (what the trainer sets at beta_KL = 0 when the action does not build on s_pre, DDPO's
-setting) never evaluates the pretrained model: kl and log_ratio are zero then (not measured) and no s_pre
+`reference = False` (what the trainer sets at beta_KL = 0 when neither the action nor the algorithm uses s_pre,
+DDPO's setting) never evaluates the pretrained model: kl and log_ratio are zero then (not measured) and no s_pre
 is cached. On a diffusers pipeline that halves the network calls of a rollout.
 """
 

@@ -34,18 +34,14 @@ class ValueNet(nn.Module):
         u = 0.5 * math.pi * (self.path.T - as_time(t)) / self.path.T
         return torch.cos(u), torch.sin(u)
 
-    def base(self, t, x: torch.Tensor, cond=None, s_pre: torch.Tensor | None = None,
-             x0_hat: torch.Tensor | None = None) -> torch.Tensor:
+    def base(self, t, x: torch.Tensor, cond=None, s_pre: torch.Tensor | None = None) -> torch.Tensor:
         """r(x0_hat(t, x), c), shape (B,); differentiable in x when the reward is. r(x) where s = 0.
-        `s_pre`: the pretrained score at (t, x) if already known (a rollout caches it); `x0_hat`: a Tweedie
-        estimate to use instead (the policy's own, which a rollout without the reference records; E15 allows
-        the current or the pretrained score)."""
+        `s_pre`: the pretrained score at (t, x) if already known (a rollout caches it)."""
         s = (self.path.T - as_time(t)).expand(x.shape[0]) if as_time(t).ndim == 0 else self.path.T - as_time(t)
         at_data = s <= 1e-12
         s_safe = torch.where(at_data, torch.full_like(s, 1e-3 * self.path.T), s)
-        if x0_hat is None:
-            score = self.pretrained(s_safe, x, cond) if s_pre is None or bool(at_data.any()) else s_pre
-            x0_hat = self.path.tweedie(score, s_safe, x)
+        score = self.pretrained(s_safe, x, cond) if s_pre is None or bool(at_data.any()) else s_pre
+        x0_hat = self.path.tweedie(score, s_safe, x)
         x0_hat = torch.where(append_dims(at_data, x.ndim), x, x0_hat)
         return self.reward(x0_hat, cond)
 

@@ -170,6 +170,7 @@ class Algorithm:
     name: str = ""
     Config: type[AlgorithmConfig] = AlgorithmConfig
     unit: str = "transition"  # what a minibatch holds: transitions, or whole samples
+    needs_reference: bool = False  # whether it uses the pretrained score even at beta_KL = 0
 
     def __init__(self, policy: ScoreAsAction, task: Task, config: AlgorithmConfig):
         self.policy, self.task, self.config = policy, task, config

@@ -94,13 +94,14 @@ class Trainer:
         self.eval_n = config.eval_n or self.task.eval_n
         self.eval_steps = config.eval_steps or self.task.eval_steps
         self.policy = build_policy(self.task, config)
-        # DDPO's setting: nothing needs the pretrained model, so rollouts never evaluate it (policy.reference)
-        self.policy.reference = self.task.beta_kl > 0 or getattr(self.policy.action, "takes_pretrained", False)
         self.task.to(self.device)
         cast_floating(self.policy, self.dtype)
         self.policy.to(self.device)
         self.algorithm = make_algorithm(config.algorithm, self.policy, self.task, config.algo)
         self.algorithm.world = self.world
+        # DDPO's setting (beta_KL = 0): where nothing needs the pretrained model, rollouts never evaluate it
+        self.policy.reference = (self.task.beta_kl > 0 or self.algorithm.needs_reference
+                                 or getattr(self.policy.action, "takes_pretrained", False))
         for module in self.algorithm.modules().values():
             cast_floating(module, self.dtype)
             module.to(self.device)
