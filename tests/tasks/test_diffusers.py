@@ -214,3 +214,20 @@ def test_config_file_for_sd15_loads(tmp_path):
     values["task"]["reward"] = "jpeg_compressibility"
     config = TrainConfig.from_dict(values, "for training")
     assert config.kernel == "ddim" and json.dumps(config.to_dict())
+
+
+@pytest.mark.parametrize("algorithm,beta_kl,calls_reference", [("ddpo", 0.0, False), ("grpo", 0.0, False),
+                                                               ("ddpo", 0.01, True), ("ctrl", 0.0, True)])
+def test_the_reference_runs_only_where_something_needs_it(tmp_path, algorithm, beta_kl, calls_reference):
+    """DDPO's setting (beta_KL = 0) never evaluates the pretrained network: half the denoiser calls of a rollout.
+    ctrl still does (its value base uses the pretrained Tweedie estimate); evaluation always measures the KL."""
+    algo = {"lr": 1e-2, **({"group_size": 2} if algorithm == "grpo" else {})}
+    trainer = Trainer(train_config(tmp_path, algorithm=algorithm, algo=algo,
+                                   task={"name": "diffusers", "guidance_scale": 3.0, "beta_kl": beta_kl}), progress=False)
+    calls = []
+    trainer.policy.pretrained.register_forward_hook(lambda *args: calls.append(1))
+    plain = trainer.update()
+    assert bool(calls) == calls_reference
+    assert ("path_kl" in plain) == calls_reference  # never logged as 0 where it was not measured
+    assert trainer.evaluate(steps=4, n=4)["eval_path_kl"] > 0  # the update moved the policy; the KL is measured
+    assert trainer.policy.reference == calls_reference  # evaluation restored the switch
