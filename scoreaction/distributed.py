@@ -102,14 +102,19 @@ class World:
         self._run(dist.all_reduce, out)
         return out.to(t.device)
 
-    def sum_gradients(self, params: list[torch.Tensor]) -> None:
-        """Replace each parameter's gradient by its sum over processes (a missing gradient counts as zero)."""
+    def sum_gradients(self, params: list[torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Replace each parameter's gradient by its sum over processes (a missing gradient counts as zero), in one
+        all-reduce that also sums the vector `extra` (returned; e.g. diagnostics and flags of the step)."""
         if self.size == 1 or not params:
-            return
+            return extra if self.size == 1 or extra is None else self.sum(extra)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.sum(torch.cat([g.reshape(-1) for g in grads]))
-        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        parts = [g.reshape(-1) for g in grads]
+        if extra is not None:
+            parts.append(extra.to(parts[0]))
+        flat = self.sum(torch.cat(parts))
+        for p, g in zip(params, flat.split([g.numel() for g in grads] + [len(flat) - sum(g.numel() for g in grads)])):
             p.grad = g.view_as(p).to(p.dtype)
+        return None if extra is None else flat[len(flat) - len(extra):].to(extra)
 
     def broadcast(self, tensors: list[torch.Tensor]) -> None:
         """Copy process 0's values into the same tensors on every process."""
@@ -146,8 +151,7 @@ class World:
                                    f"hang? see its message): {first}") from err
 
     def close(self) -> None:
-        if self.size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
 
     # --- agreement of the processes ----------------------------------------------------------------
     def check_batch(self, batch_size: int, what: str = "batch_size") -> None:
@@ -170,6 +174,13 @@ class World:
             if keys:
                 raise Disagreement(f"the processes were given different {what}s: process {r} has "
                                        f"{keys[0]}={other.get(keys[0])!r}, process 0 has {configs[0].get(keys[0])!r}")
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one (also after an error: a process that exits with its
+    group open may abort instead of exiting with its own code)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launched() -> bool:

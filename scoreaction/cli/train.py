@@ -6,6 +6,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
+from scoreaction import distributed
 from scoreaction.cli.common import add_run_switches, check_folder_path, print_table, set_threads
 from scoreaction.cli.options import add_config_args, add_options, assemble
 from scoreaction.config import Options, check_positive_int, option
@@ -26,14 +27,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         values.setdefault("task", {})["name"] = args.task
     if "out" in values:
         check_folder_path(str(values["out"]))
-    if args.resume:
-        trainer = Trainer.from_checkpoint(args.resume, values, progress=not args.quiet)
-    else:
-        trainer = Trainer(TrainConfig.from_dict(values, "for training"), progress=not args.quiet)
     try:
+        if args.resume:
+            trainer = Trainer.from_checkpoint(args.resume, values, progress=not args.quiet)
+        else:
+            trainer = Trainer(TrainConfig.from_dict(values, "for training"), progress=not args.quiet)
         last = trainer.run()
     finally:
-        trainer.world.close()
+        distributed.shutdown()
     if trainer.world.main:
         print(f"run folder {trainer.run_dir} (checkpoints/, metrics.jsonl, config.json)")
         print_table(last, SUMMARY_KEYS)

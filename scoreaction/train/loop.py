@@ -179,11 +179,10 @@ class Trainer:
                 if value is not None:
                     sums[i] += weight * value
                     sums[len(DIAGNOSTICS) + i] += weight
-        sums = self.world.sum(sums)
+        sums = self.world.sum_gradients(self.params, sums)
         if sums[-1] > 0:
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        self.world.sum_gradients(self.params)
         diag = {key: float(sums[i] / sums[len(DIAGNOSTICS) + i]) for i, key in enumerate(DIAGNOSTICS)
                 if sums[len(DIAGNOSTICS) + i] > 0}
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.algorithm.config.max_grad_norm)
