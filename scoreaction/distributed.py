@@ -150,9 +150,6 @@ class World:
                                    f"failed or timed out after {self.timeout:g} s (did another process die or "
                                    f"hang? see its message): {first}") from err
 
-    def close(self) -> None:
-        shutdown()
-
     # --- agreement of the processes ----------------------------------------------------------------
     def check_batch(self, batch_size: int, what: str = "batch_size") -> None:
         if batch_size % self.size:

@@ -154,3 +154,15 @@ def one_line_error(code, err, *fragments):
     assert err.count("\n") == 1 and err.startswith("scoreaction: error: "), err
     for fragment in fragments:
         assert fragment in err, err
+
+
+def numbers(value):
+    """Every number in a parsed JSON document."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from numbers(v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value

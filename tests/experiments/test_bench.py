@@ -8,21 +8,10 @@ import re
 import pytest
 
 from scoreaction.experiments.finetune_bench import ALGORITHMS, BenchConfig, BenchResults, run, write_report
+from tests.helpers import numbers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NUMBER = re.compile(r"-?\d+\.\d+(?:e[-+]\d+)?")
-
-
-def numbers(value):
-    """Every number in a parsed JSON document."""
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from numbers(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from numbers(v)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        yield value
 
 
 def shown(value: float, text: str, digits: int) -> bool:

@@ -11,20 +11,10 @@ import torch
 from scoreaction.cli import main
 from scoreaction.experiments import diffusers_bench
 from scoreaction.experiments.diffusers_bench import TRL_MISSING, DiffusersBenchConfig, build_random_sd15, cells_of, run
+from tests.helpers import numbers
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 PHASES = ("rollout", "reward", "prepare", "update")
-
-
-def numbers(value):
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from numbers(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from numbers(v)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        yield value
 
 
 @pytest.fixture(scope="module")
