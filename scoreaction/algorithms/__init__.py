@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from scoreaction.algorithms.adjoint import AdjointMatching
 from scoreaction.algorithms.base import Algorithm, AlgorithmConfig, Batch, Transitions
 from scoreaction.algorithms.ctpg import CTPG
 from scoreaction.algorithms.ctrl import CTRL
@@ -10,7 +11,8 @@ from scoreaction.algorithms.dpok import DPOK
 from scoreaction.algorithms.draft import DRaFT
 from scoreaction.algorithms.grpo import GRPO
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (CTRL, CTPG, DDPO, DPOK, GRPO, DRaFT)}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (CTRL, CTPG, DDPO, DPOK, GRPO, DRaFT, AdjointMatching)}
 
 
 def algorithm_class(name: str) -> type[Algorithm]:

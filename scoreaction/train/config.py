@@ -3,7 +3,7 @@
 YAML layout (every key optional; defaults < file < flags < --set):
 
     task: {name: gaussian, dim: 2, beta_kl: 1.0}     # the task and its options (its TaskConfig)
-    algorithm: ctrl                                  # ctrl, ctpg, ddpo, dpok, grpo, draft
+    algorithm: ctrl                                  # ctrl, ctpg, ddpo, dpok, grpo, draft, adjoint
     algo: {lr: 1e-3, epochs: 4}                      # that algorithm's options (its AlgorithmConfig)
     steps: 20                                        # K, steps of the rollout grid
     grid: uniform                                    # or random (a fresh grid per batch), quadratic, edm
@@ -66,7 +66,7 @@ LR_SCHEDULES = ("constant", "linear")
 class TrainConfig(Options):
     task: TaskConfig | dict = option(factory=lambda: {"name": "gaussian"}, flag=False,
                                      help="the task and its options, e.g. {name: gaussian, dim: 16}")
-    algorithm: str = option("ctrl", help="fine-tuning algorithm: ctrl, ctpg, ddpo, dpok, grpo or draft")
+    algorithm: str = option("ctrl", help="fine-tuning algorithm: ctrl, ctpg, ddpo, dpok, grpo, draft or adjoint")
     algo: AlgorithmConfig | dict = option(factory=dict, flag=False, help="the algorithm's options, e.g. {lr: 1e-3}")
     steps: int = option(20, help="K, steps of the rollout grid")
     grid: str = option("uniform", help="RL-time grid of the rollouts: " + ", ".join(GRIDS) + ", or scheduler (a "

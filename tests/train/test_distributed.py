@@ -24,7 +24,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 RUN = ["--task", "gaussian", "--batch-size", "12", "--steps", "4", "--dtype", "float64", "--eval-every", "0",
        "--eval-n", "64", "--no-tensorboard", "-q"]
 ALGOS = {"ctrl": ["--set", "algo.minibatches=5"], "ddpo": ["--set", "algo.minibatches=5", "--set", "algo.min_count=4"],
-         "grpo": ["--set", "algo.group_size=3"], "dpok": [], "draft": ["--set", "algo.minibatches=2"]}
+         "grpo": ["--set", "algo.group_size=3"], "dpok": [], "draft": ["--set", "algo.minibatches=2"],
+         "adjoint": ["--set", "algo.minibatches=2", "--set", "algo.steps_per_sample=2"]}
 
 
 def train(out: Path, *args: str, procs: int = 1, script: Path | None = None, timeout: float = 240):
