@@ -15,16 +15,19 @@ from scoreaction.cli.common import add_run_switches, check_folder_path
 from scoreaction.cli.options import add_config_args, add_options, assemble
 from scoreaction.config import Options, check_nonnegative_int, check_positive_int, option
 
-BENCH_TASKS = ("exact", "digits", "diffusers")
+BENCH_TASKS = ("exact", "efficiency", "digits", "diffusers")
 DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class BenchOptions(Options):
-    task: str = option("exact", help="exact: the gaussian and mixture benchmark; digits: ctrl against ddpo, dpok and "
-                                     "grpo on a learned image reward; diffusers: seconds and memory per update on a "
-                                     "diffusers pipeline, beside TRL's DDPOTrainer")
-    only: str | None = option(None, help="with task exact: comma-separated subset of optimality,robustness,cost")
+    task: str = option("exact", help="exact: the gaussian and mixture benchmark; efficiency: its multi-seed sample "
+                                     "efficiency (trajectories to 80/90/95 % closed, 95 % intervals); digits: ctrl "
+                                     "against ddpo, dpok and grpo on a learned image reward; diffusers: seconds and "
+                                     "memory per update on a diffusers pipeline, beside TRL's DDPOTrainer")
+    only: str | None = option(None, help="with task exact: comma-separated subset of optimality,robustness,cost; "
+                                         "with task efficiency: of methods,settings")
+    seeds: int = option(5, help="with task efficiency: seeds per cell (seed+1 ... seed+N)")
     quick: bool = option(False, help="tiny budgets, under a minute: a smoke test")
     seed: int = option(0, help="random seed")
     workers: int = option(2, help="processes for the training runs (diffusers measures one configuration at a time)")
@@ -38,8 +41,13 @@ class BenchOptions(Options):
             raise ValueError(f"--task must be one of {list(BENCH_TASKS)}, found {self.task!r}")
         check_nonnegative_int("seed", self.seed)
         check_positive_int("workers", self.workers)
-        if self.only is not None and self.task != "exact":
-            raise ValueError(f"--only applies to the gaussian and mixture benchmark, not to --task {self.task}")
+        if self.only is not None and self.task not in ("exact", "efficiency"):
+            raise ValueError(f"--only applies to --task exact and efficiency, not to --task {self.task}")
+        check_positive_int("seeds", self.seeds)
+        if self.task != "efficiency" and self.seeds != 5:
+            raise ValueError(f"--seeds applies to --task efficiency, not to --task {self.task}")
+        if self.task == "efficiency" and self.seeds < 2:
+            raise ValueError(f"--seeds must be at least 2 for an interval over seeds, found {self.seeds}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {list(DEVICES)}, found {self.device!r}")
         if self.preset not in ("tiny", "sd15"):
@@ -61,8 +69,10 @@ class BenchOptions(Options):
         return device
 
     def sections(self) -> tuple:
-        from scoreaction.experiments.finetune_bench import SECTIONS
-
+        if self.task == "efficiency":
+            from scoreaction.experiments.efficiency import SECTIONS
+        else:
+            from scoreaction.experiments.finetune_bench import SECTIONS
         if self.only is None:
             return SECTIONS
         sections = tuple(s.strip() for s in self.only.split(",") if s.strip())
@@ -97,6 +107,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             config = bench.DiffusersBenchConfig(out=out, command=opts.command(), preset=opts.preset, device=device,
                                                 seed=opts.seed)
+    elif opts.task == "efficiency":
+        from scoreaction.experiments import efficiency as bench
+
+        if opts.quick:
+            config = bench.EfficiencyConfig.quick_config(out, command=opts.command())
+        else:
+            config = bench.EfficiencyConfig(out=out, sections=opts.sections(), command=opts.command(),
+                                            seeds=tuple(range(opts.seed + 1, opts.seed + 1 + opts.seeds)),
+                                            workers=opts.workers)
     elif opts.task == "digits":
         from scoreaction.experiments import digits_bench as bench
 

@@ -18,7 +18,10 @@ draws, Brownian increments and class labels, so every difference is paired):
     diversity, before and after, and the path KL to the pretrained model;
   * the exact tilt: the KL-optimal distribution with the same utility gain, as a reference;
   * all of the above under the training sampler and under other solvers and step counts: the
-    fine-tuned policy is a score field and should keep its gain under any of them.
+    fine-tuned policy is a score field and should keep its gain under any of them. Per sampler, the
+    gain as a fraction of the training sampler's, and the Frechet distance beside that of the exact
+    tilt of THAT sampler's pretrained samples at THAT sampler's gain (each solver has its own
+    pretrained distribution: DDIM's is sharper than a 20-step Euler-Maruyama chain's).
 
 Everything lands in the run folder: store.sqlite, reward/ (safetensors + JSON), train/
 (checkpoints, metrics.jsonl), results.json (a QuickstartResults), report.html and its PNGs.
@@ -45,6 +48,7 @@ from scoreaction.experiments.digits_loop import (
     Feedback,
     ImageMetrics,
     RewardFit,
+    balanced_classes,
     digits_train_config,
     heldout_real,
     image_metrics,
@@ -57,7 +61,7 @@ from scoreaction.samplers import SOLVERS as SOLVER_NAMES
 from scoreaction.tasks.digits import DigitsTask
 from scoreaction.train import Trainer
 
-FORMAT = "scoreaction-quickstart-2"
+FORMAT = "scoreaction-quickstart-3"
 HUMAN = "you"
 MIN_HUMAN_ANSWERS = 20
 # (solver, steps) of the evaluation; the training sampler (em, `steps`) is added in front
@@ -133,8 +137,26 @@ class ModelScores(ImageMetrics):
 
 
 @dataclass
+class ExactTilt:
+    """The KL-optimal distribution with the fine-tuned policy's utility gain: pretrained items (`items` of them,
+    under one sampler) reweighted within each class by exp(inverse_beta * u)."""
+
+    gain: float
+    inverse_beta: float
+    class_accuracy: float
+    frechet: float
+    kl: float  # KL(tilt || pretrained items), nats, mean over classes
+    min_effective_items_per_class: float
+    items_per_class: int
+
+
+@dataclass
 class SolverRow:
-    """Pretrained and fine-tuned under one sampler, from the same noise; gains are paired means."""
+    """Pretrained and fine-tuned under one sampler, from the same noise; gains are paired means. `tilt` is the
+    exact tilt of this sampler's own pretrained items at this sampler's utility gain; `gain_vs_training` the
+    utility gain over the training sampler's (settings[0]) and `frechet_vs_tilt` the fine-tuned model's Frechet
+    distance over the tilt's: 1 and 1 for a fine-tuned score field that is the KL-optimal one under every
+    sampler."""
 
     solver: str
     steps: int
@@ -144,20 +166,9 @@ class SolverRow:
     utility_gain_se: float
     reward_gain: float
     reward_gain_se: float
-
-
-@dataclass
-class ExactTilt:
-    """The KL-optimal distribution with the fine-tuned policy's utility gain: the stage-1 items reweighted
-    within each class by exp(inverse_beta * u)."""
-
-    gain: float
-    inverse_beta: float
-    class_accuracy: float
-    frechet: float
-    kl: float  # KL(tilt || pretrained items), nats, mean over classes
-    min_effective_items_per_class: float
-    items_per_class: int
+    tilt: ExactTilt | None = None
+    gain_vs_training: float | None = None
+    frechet_vs_tilt: float | None = None
 
 
 @dataclass
@@ -186,7 +197,7 @@ class QuickstartResults:
     cond: list[int]  # class labels of the evaluation samples
     utility_std_pretrained: float
     reward_std_pretrained: float
-    exact_tilt: ExactTilt
+    exact_tilt: ExactTilt  # the training sampler's (settings[0].tilt)
     summary: Summary
     format: str = FORMAT
 
@@ -232,7 +243,8 @@ def run(config: QuickstartConfig, log: Callable[[str], None] = print, progress: 
         u = utility(x, c)
         utility_std = float(u.std())
         reward_std = float(trainer.task.reward(x, c).std())
-        tilt = exact_tilt(trainer.task, x, c, u, settings[0].utility_gain, config)
+    tilt_per_solver(trainer.task, utility, settings, learned.x, config)
+    tilt = settings[0].tilt
     evaluate_seconds = time.perf_counter() - t
     log(f"[5/5] evaluation under {len(settings)} samplers ({evaluate_seconds:.0f} s)")
 
@@ -324,6 +336,21 @@ def evaluate(task: DigitsTask, policy, utility, config: QuickstartConfig,
     return rows, cond.tolist(), samples
 
 
+@torch.no_grad()
+def tilt_per_solver(task: DigitsTask, utility, rows: list[SolverRow], items: torch.Tensor,
+                    config: QuickstartConfig) -> None:
+    """Fill each row's `tilt`, `gain_vs_training` and `frechet_vs_tilt`. The tilt of a sampler reweights THAT
+    sampler's pretrained samples (`config.items` of them, the stage-1 classes and seed; `items` are the training
+    sampler's, drawn in stage 1) so that its gain equals the fine-tuned model's gain under that sampler."""
+    cond = balanced_classes(config.items)
+    for row in rows:
+        x = items if row is rows[0] else task.sample(None, cond, solver=row.solver, steps=row.steps,
+                                                     seed=config.seed).float()
+        row.tilt = exact_tilt(task, x, cond, utility(x, cond), row.utility_gain, config)
+        row.gain_vs_training = row.utility_gain / rows[0].utility_gain if rows[0].utility_gain else None
+        row.frechet_vs_tilt = row.finetuned.frechet / row.tilt.frechet
+
+
 def exact_tilt(task: DigitsTask, x: torch.Tensor, cond: torch.Tensor, u: torch.Tensor, gain: float,
                config: DigitsLoopConfig, repeats: int = 5) -> ExactTilt:
     """The KL-optimal reference: what the KL-closest way to gain `gain` of utility does to the images.
@@ -384,5 +411,6 @@ def summarise(settings: list[SolverRow], history: list[TrainingPoint], utility_s
     train = settings[0]
     last = history[-1].diagnostics if history else {}
     return Summary(solver=train.solver, steps=train.steps, utility_gain_sd=train.utility_gain / utility_std,
-                   utility_gain_sd_se=train.utility_gain_se / utility_std, reward_gain_sd=train.reward_gain / reward_std,
+                   utility_gain_sd_se=train.utility_gain_se / utility_std,
+                   reward_gain_sd=train.reward_gain / reward_std,
                    path_kl=last.get("eval_path_kl"), tilt_gain_sd=tilt.gain / utility_std)

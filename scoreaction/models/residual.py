@@ -13,7 +13,7 @@ from torch import nn
 
 from scoreaction.models import ScoreModel
 from scoreaction.models.frozen import attach_frozen
-from scoreaction.paths import as_time
+from scoreaction.paths import GaussianPath, as_time, coef_like
 
 
 def time_features(s: torch.Tensor, n: int, batch: int, like: torch.Tensor, T: float = 1.0) -> torch.Tensor:
@@ -50,24 +50,53 @@ class MLP(nn.Module):
         return self.head(h)
 
 
+def posterior_gain(path: GaussianPath, s, data_var: float) -> torch.Tensor:
+    """K_s = alpha v / (alpha^2 v + sigma^2) (diffusion time s): the slope in x of the data posterior mean
+    E[X_data | X_s = x] for data of variance v per dimension, E21's K for S = v I; float64, the shape of s.
+
+    It is the natural scale of a score correction. By Tweedie (E2) a change of the posterior mean by d moves the
+    score by alpha / sigma^2 d, and the optimal correction grad log phi of E8 is alpha / sigma^2 times the shift
+    of the posterior mean under the tilt, which the posterior spread C_s = sigma^2 K_s / alpha bounds: so it is
+    K_s times a bounded field (exactly so for Gaussian data, E21: grad log phi = -K_s^T Q_s (...)). K_s -> 1 at
+    the data and ~ alpha(s) v -> 0 in the noise, where the reverse SDE forgets a control but the ODE does not."""
+    s = as_time(s)
+    a, sig2 = path.alpha(s), path.sigma2(s)
+    return a * data_var / (a**2 * data_var + sig2)
+
+
+RESIDUALS = ("score", "x0")
+
+
 class ResidualScore(nn.Module):
-    """mu_theta(s, x, c) = s_pre(s, x, c) + net(s, x, c): starts exactly at the pretrained score
-    when `net` starts at zero (zero-initialised head)."""
+    """mu_theta(s, x, c) = s_pre(s, x, c) + gain(s) net(s, x, c): starts exactly at the pretrained score
+    when `net` starts at zero (zero-initialised head).
+
+    residual = "score": gain 1, the net is the score correction itself. "x0": gain K_s = `posterior_gain` for
+    data of variance `data_var`, i.e. the net corrects the Tweedie estimate x0_hat (E2): a net that is smooth
+    in s then plays a correction that fades in the noise as the optimal one does (E8, E21)."""
 
     takes_pretrained = True  # ScoreAsAction may pass a cached s_pre
 
-    def __init__(self, pretrained: ScoreModel, net: nn.Module):
+    def __init__(self, pretrained: ScoreModel, net: nn.Module, residual: str = "score", data_var: float = 1.0):
         super().__init__()
+        if residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, found {residual!r}")
+        if not data_var > 0:
+            raise ValueError(f"data_var must be > 0, found {data_var!r}")
         attach_frozen(self, "pretrained", pretrained)
-        self.net = net
+        self.net, self.residual, self.data_var = net, residual, float(data_var)
 
     def forward(self, s, x: torch.Tensor, cond: torch.Tensor | None = None, s_pre: torch.Tensor | None = None
                 ) -> torch.Tensor:
         if s_pre is None:
             s_pre = self.pretrained(s, x, cond)
-        return s_pre + self.net(s, x, cond).reshape(x.shape)
+        delta = self.net(s, x, cond).reshape(x.shape)
+        if self.residual == "x0":
+            delta = coef_like(posterior_gain(self.pretrained.path, s, self.data_var), x) * delta
+        return s_pre + delta
 
 
-def point_action(pretrained: ScoreModel, dim: int, num_classes: int = 0, T: float = 1.0, **mlp) -> ResidualScore:
-    """The default trainable action for point tasks: pretrained score + zero-initialised MLP."""
-    return ResidualScore(pretrained, MLP(dim, dim, num_classes=num_classes, T=T, **mlp))
+def point_action(pretrained: ScoreModel, dim: int, num_classes: int = 0, T: float = 1.0, residual: str = "score",
+                 data_var: float = 1.0, **mlp) -> ResidualScore:
+    """The default trainable action for point tasks: pretrained score + (K_s times) a zero-initialised MLP."""
+    return ResidualScore(pretrained, MLP(dim, dim, num_classes=num_classes, T=T, **mlp), residual, data_var)

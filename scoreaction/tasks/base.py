@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from scoreaction.config import Options, check_nonnegative
+from scoreaction.config import Options, check_choice, check_nonnegative
 from scoreaction.models import ScoreModel
 from scoreaction.models.analytic import MixtureScore
-from scoreaction.models.residual import MLP, point_action
+from scoreaction.models.residual import MLP, RESIDUALS, point_action
 from scoreaction.paths import GaussianPath, make_path
 from scoreaction.rewards import QuadraticReward, RewardModel
 from scoreaction.samplers import make_grid
@@ -142,6 +142,19 @@ class Task:
         raise ValueError(f"task {self.name!r} has no exact optimal control (tasks with one: the exact ones)")
 
 
+@dataclass
+class PointTaskConfig(TaskConfig):
+    """Fields of the point tasks (gaussian, mixture), whose action is `point_action`: `residual` says how its MLP's
+    output is read, "score" (the score correction itself) or "x0" (times K_s = models.residual.posterior_gain, for
+    the data's mean variance per dimension: a correction that fades in the noise as the optimal one does, E21)."""
+
+    residual: str = "score"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("residual", self.residual, RESIDUALS)
+
+
 class QuadraticTiltTask(Task):
     """Mixture data + quadratic reward: everything in Eq. E8 is exact (see tilt.py)."""
 
@@ -155,6 +168,16 @@ class QuadraticTiltTask(Task):
         self.shape = (self.pretrained.dim,)
         self.reward = QuadraticReward(reward_matrix, target)
         self.beta_kl, self.eta = float(config.beta_kl), float(config.eta)
+
+    def make_action(self, hidden: int = 128) -> nn.Module:
+        """pretrained score + a zero-initialised MLP, read as the task config's `residual` says."""
+        model = self.pretrained
+        w = model.weights.to(torch.float64)
+        mean = (w[:, None] * model.means).sum(0)
+        second = (w[:, None, None] * (model.covs + model.means[:, :, None] * model.means[:, None, :])).sum(0)
+        data_var = float(torch.trace(second - torch.outer(mean, mean))) / self.dim
+        return point_action(model, self.dim, hidden=hidden, num_classes=self.num_classes, T=self.path.T,
+                            residual=self.config.residual, data_var=data_var)
 
     def require_tilt(self) -> None:
         if not self.beta_kl > 0:

@@ -48,6 +48,7 @@ from scoreaction.models.classifier import (
     train_classifier,
 )
 from scoreaction.models.frozen import attach_frozen
+from scoreaction.models.residual import posterior_gain
 from scoreaction.models.unet import (
     GuidedUNet,
     UNet,
@@ -57,7 +58,7 @@ from scoreaction.models.unet import (
     fourier_embedding,
     train_unet,
 )
-from scoreaction.paths import GaussianPath, as_time, make_path
+from scoreaction.paths import GaussianPath, as_time, coef_like, make_path
 from scoreaction.samplers import get_solver, make_grid
 from scoreaction.tasks.base import Task, TaskConfig
 
@@ -69,6 +70,8 @@ SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "digits"
 MANIFEST, UNET_FILE, CLASSIFIER_FILE = "config.json", "unet.safetensors", "classifier.safetensors"
 SPLIT_SEED, HELDOUT = 0, 300  # two held-out halves of 300 images each
 PREDICTION, TIME_INPUT = "eps", "log_snr"
+RESIDUALS = ("x0", "eps")  # how EpsResidual's output is read
+DATA_VAR = 0.29  # mean per-pixel variance of the train split (the scale of the `x0` residual's gain)
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -254,18 +257,29 @@ def make_reward(task: DigitsTask, spec: str):
 
 # --- trainable actions ------------------------------------------------------------------------------
 class EpsResidual(nn.Module):
-    """mu_theta = score of eps_pre + delta(x, eps_pre, lambda, c): a small conv net corrects the frozen
-    model's eps (zero-initialised output, so mu_theta starts exactly at the pretrained score).
+    """A small conv net h(x, eps_pre, lambda, c) on top of the frozen model (zero-initialised output, so
+    mu_theta starts exactly at the pretrained score), read in one of two ways (`residual`):
+
+        eps  mu_theta = score of (eps_pre + h): h corrects the predicted noise, delta = -h / sigma(s)
+        x0   mu_theta = s_pre + K_s h, K_s = `posterior_gain` (E2, E21): h corrects x0_hat by C_s h
+
+    Under `eps` a correction the net keeps across noise levels is a score correction of the same size in the
+    noise, where the reverse SDE of training forgets it (its effect on X_T scales as alpha(s)) but an ODE
+    sampler carries it to the end: the fine-tuned model then gains more under DDIM than under the SDE it was
+    trained with. Under `x0` it fades as alpha(s), as the optimal correction grad log phi does (E8). (Measured on
+    the quickstart: the net can still learn to undo the fade, and does with E11's one-step TD advantages; with
+    Monte-Carlo advantages, gae_lambda = 1, `x0` kept the gain across Euler-Maruyama step counts better than `eps`.)
 
     Works in score space on top of the pretrained score model, so a cached s_pre (`takes_pretrained`)
     saves the UNet: re-scoring stored transitions then costs only this net."""
 
     takes_pretrained = True
 
-    def __init__(self, pretrained: NetworkScore, width: int = 32):
+    def __init__(self, pretrained: NetworkScore, width: int = 32, residual: str = "eps"):
         super().__init__()
+        check_choice("residual", residual, RESIDUALS)
         attach_frozen(self, "pretrained", pretrained)
-        self.path, self.width = pretrained.path, width
+        self.path, self.width, self.residual = pretrained.path, width, residual
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2 * width))
         self.classes = nn.Embedding(NUM_CLASSES + 1, 2 * width)
         self.conv_in = nn.Conv2d(2, width, 3, padding=1)
@@ -286,6 +300,8 @@ class EpsResidual(nn.Module):
         scale, shift = emb[:, :, None, None].chunk(2, 1)
         h = nn.functional.silu(self.conv_in(torch.cat([x, eps_pre], dim=1)))
         h = nn.functional.silu(self.conv_mid(h) * (1 + scale) + shift)
+        if self.residual == "x0":
+            return s_pre + coef_like(posterior_gain(self.path, s, DATA_VAR), x) * self.conv_out(h)
         return self.path.to_score(PREDICTION, eps_pre + self.conv_out(h), s, x)
 
 
@@ -320,12 +336,14 @@ class DigitsConfig(TaskConfig):
     # lr 1e-3, ~30% cheaper per update); full: a trainable copy of the UNet (673k; needs lr <= 1e-4)
     action: str = "residual"
     residual_width: int = 32
+    residual: str = "eps"  # how the residual net's output is read: eps or x0 (fades in the noise; EpsResidual)
 
     def __post_init__(self):
         super().__post_init__()
         check_nonnegative("guidance", self.guidance)
         check_choice("action", self.action, ACTIONS)
         check_positive_int("residual_width", self.residual_width)
+        check_choice("residual", self.residual, RESIDUALS)
         if self.classes is not None:
             if (not isinstance(self.classes, list) or not self.classes
                     or not all(isinstance(c, int) and not isinstance(c, bool) for c in self.classes)):
@@ -371,7 +389,7 @@ class DigitsTask(Task):
         """mu_theta(s, x, c), starting exactly at the pretrained score (Eq. E3): a trainable copy of the
         guided UNet (`action: full`) or the frozen one plus a zero-initialised conv net on eps (`residual`)."""
         if self.config.action == "residual":
-            return EpsResidual(self.pretrained, self.config.residual_width)
+            return EpsResidual(self.pretrained, self.config.residual_width, self.config.residual)
         return NetworkScore(GuidedUNet(copy.deepcopy(self.unet).requires_grad_(True), self.guidance), self.path,
                             PREDICTION, TIME_INPUT)
 

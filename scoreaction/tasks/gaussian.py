@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scoreaction.tasks.base import QuadraticTiltTask, TaskConfig
+from scoreaction.tasks.base import PointTaskConfig, QuadraticTiltTask
 
 
 def as_vector(value, dim: int, name: str) -> torch.Tensor:
@@ -50,7 +50,7 @@ def default_cov(dim: int) -> torch.Tensor:
 
 
 @dataclass
-class GaussianConfig(TaskConfig):
+class GaussianConfig(PointTaskConfig):
     name: str = "gaussian"
     dim: int = 2
     mean: float | list = 0.0

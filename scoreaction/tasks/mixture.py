@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scoreaction.tasks.base import QuadraticTiltTask, TaskConfig
+from scoreaction.tasks.base import PointTaskConfig, QuadraticTiltTask
 from scoreaction.tasks.gaussian import as_matrix, as_vector, check_psd
 
 REFERENCE_N = 200_000
 
 
 @dataclass
-class MixtureConfig(TaskConfig):
+class MixtureConfig(PointTaskConfig):
     name: str = "mixture"
     weights: list = field(default_factory=lambda: [0.4, 0.4, 0.2])
     means: list = field(default_factory=lambda: [[-1.5, 0.0], [1.5, 0.0], [0.0, 1.5]])

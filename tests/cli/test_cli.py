@@ -90,7 +90,7 @@ def test_config_file_then_flags_then_set(capsys, tmp_path):
     (["train", "--algorithm", "grpo", "--batch-size", "20"], "batch_size must be a multiple of grpo's group_size=16"),
     (["evaluate"], "--checkpoint is required"),
     (["bench", "--task", "nope"], "--task must be one of"),
-    (["bench", "--task", "digits", "--only", "cost"], "--only applies to the gaussian and mixture benchmark"),
+    (["bench", "--task", "digits", "--only", "cost"], "--only applies to --task exact and efficiency"),
     (["pretrain", "--steps", "0"], "steps must be a positive integer, found 0"),
     (["quickstart", "--set", "updates=-1"], "updates must be a positive integer"),
 ])

@@ -109,7 +109,7 @@ def test_cells_of_the_presets():
     (["--preset", "sdxl"], "--preset must be one of ['tiny', 'sd15'], found 'sdxl'"),
     (["--quick", "--preset", "sd15"], "--quick runs the tiny pipeline"),
     (["--preset", "sd15", "--device", "cpu"], "--preset sd15 (512 px, 50 steps, bf16) needs a GPU"),
-    (["--only", "cost"], "--only applies to the gaussian and mixture benchmark, not to --task diffusers"),
+    (["--only", "cost"], "--only applies to --task exact and efficiency, not to --task diffusers"),
     (["--set", "steps=3"], "unknown option 'steps'"),
 ])
 def test_bad_options_are_one_line_errors(capsys, tmp_path, argv, expected):

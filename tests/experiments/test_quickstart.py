@@ -137,7 +137,7 @@ def test_results_json_is_the_results_dataclass(quick):
     assert all(isinstance(row, SolverRow) for row in results.settings)
     written = json.loads((out / "results.json").read_text())
     assert written == json.loads(json.dumps(dataclasses.asdict(results), default=float))
-    assert written["format"] == "scoreaction-quickstart-2" and written["config"]["per_class"] == 2
+    assert written["format"] == "scoreaction-quickstart-3" and written["config"]["per_class"] == 2
 
 
 def test_results_are_paired_and_consistent(quick):
@@ -154,6 +154,23 @@ def test_results_are_paired_and_consistent(quick):
     assert s.utility_gain_sd == pytest.approx(results.settings[0].utility_gain / results.utility_std_pretrained)
     assert s.path_kl == results.history[-1].diagnostics["eval_path_kl"] and (s.solver, s.steps) == ("em", 4)
     assert results.timings.total >= results.timings.train > 0
+
+
+def test_every_sampler_has_its_own_exact_tilt_at_its_own_gain(quick, page):
+    _, results = quick
+    train = results.settings[0]
+    assert train.tilt == results.exact_tilt and train.gain_vs_training == pytest.approx(1.0)
+    for row in results.settings:
+        # the tilt of the sampler's own pretrained samples, at the fine-tuned model's gain under that sampler
+        # (the bisection reaches any gain below the items' best per class; the tiny run's gains are small)
+        assert isinstance(row.tilt, ExactTilt) and row.tilt.items_per_class == results.config.items // 10
+        assert row.tilt.gain == pytest.approx(max(row.utility_gain, 0.0), abs=1e-6)
+        assert row.gain_vs_training == pytest.approx(row.utility_gain / train.utility_gain)
+        assert row.frechet_vs_tilt == pytest.approx(row.finetuned.frechet / row.tilt.frechet)
+        cells = page.cells["solvers"]
+        assert f"{row.gain_vs_training:.2f}" in cells and f"{row.tilt.frechet:.2f}" in cells
+        assert f"{row.frechet_vs_tilt:.2f}" in cells
+    assert len({row.tilt.frechet for row in results.settings}) == len(results.settings)  # different items
 
 
 def test_hostile_strings_are_escaped(quick):

@@ -220,3 +220,28 @@ def test_residual_action_with_a_cached_pretrained_score_is_the_same_action(task)
     s_pre = task.pretrained(s, x, cond)
     torch.testing.assert_close(mu(s, x, cond, s_pre=s_pre), mu(s, x, cond), rtol=0, atol=1e-6)
     assert not torch.allclose(mu(s, x, cond), s_pre, atol=1e-3)  # the correction is really there
+
+
+def test_x0_residual_is_the_eps_residual_scaled_to_fade_in_the_noise(task):
+    """The same net read two ways (EpsResidual): eps gives delta = -h / sigma, x0 gives delta = K_s h with
+    K_s = posterior_gain, E21's gain for data of variance DATA_VAR: 1 at the data, ~ alpha(s) DATA_VAR in the noise."""
+    from scoreaction.models.residual import posterior_gain
+    from scoreaction.tasks.digits import DATA_VAR, EpsResidual
+
+    eps, x0 = (EpsResidual(task.pretrained, residual=r) for r in ("eps", "x0"))
+    torch.nn.init.normal_(eps.conv_out.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+    x0.load_state_dict(eps.state_dict())
+    x, cond = task.prior_sample(3, generator=torch.Generator().manual_seed(1)).double(), torch.tensor([2, 5, 7])
+    eps.double(), x0.double()
+    s = torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
+    s_pre = task.pretrained(s, x, cond)
+    h = -task.path.sigma(s)[:, None, None, None] * (eps(s, x, cond, s_pre=s_pre) - s_pre)
+    gain = posterior_gain(task.path, s, DATA_VAR)
+    torch.testing.assert_close(x0(s, x, cond, s_pre=s_pre) - s_pre, gain[:, None, None, None] * h)
+    a, sig2 = task.path.alpha(s), task.path.sigma2(s)
+    torch.testing.assert_close(gain, a * DATA_VAR / (a**2 * DATA_VAR + sig2))
+    assert float(posterior_gain(task.path, 0.0, DATA_VAR)) == pytest.approx(1.0)
+    assert float(posterior_gain(task.path, 1.0, DATA_VAR)) == pytest.approx(float(task.path.alpha(1.0)) * DATA_VAR,
+                                                                            rel=1e-3)
+    with pytest.raises(ValueError, match="residual must be one of"):
+        DigitsConfig(residual="score")

@@ -285,3 +285,30 @@ def test_zero_beta_kl_has_no_tilt(name):
 def test_prior_sample_rejects_bad_counts(n):
     with pytest.raises(ValueError, match=rf"positive integer, found {n!r}"):
         make_task("gaussian").prior_sample(n)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "mixture"])
+def test_x0_residual_is_the_score_residual_times_the_posterior_gain(name):
+    """residual: x0 reads the MLP's output as K_s net (models.residual.posterior_gain), K_s for the data's mean
+    variance per dimension; the optimal correction of E21 is K_s times a field that stays bounded in the noise."""
+    from scoreaction.models.residual import posterior_gain
+
+    score, x0 = (make_task(name, {"residual": r}).make_action() for r in ("score", "x0"))
+    task = make_task(name, {"residual": "x0"})
+    torch.nn.init.normal_(score.net.head.weight, generator=torch.Generator().manual_seed(0))
+    x0.load_state_dict(score.state_dict())
+    data = task.pretrained.sample_data(200_000, generator=torch.Generator().manual_seed(1))
+    assert x0.data_var == pytest.approx(float(data.var(0).mean()), rel=0.02)
+    x = task.prior_sample(4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    score.double(), x0.double()
+    for s in (0.0, 0.5, 1.0):
+        s_pre = task.pretrained(s, x)
+        torch.testing.assert_close(x0(s, x) - s_pre, posterior_gain(task.path, s, x0.data_var) * (score(s, x) - s_pre))
+    assert float(posterior_gain(task.path, 0.0, 0.5)) == pytest.approx(1.0)
+    # E21: grad log phi = -K_s^T Q_s (...) fades in the noise as K_s does (K_s -> alpha(T) v): over K_s it stays O(1)
+    g = make_task("gaussian", {"cov": 0.5})  # S = 0.5 I: K_s of E21 is posterior_gain(s, 0.5) I
+    xs = torch.tensor([[-2.0, 1.0], [0.0, 0.0], [1.5, -0.5]], dtype=torch.float64)
+    ratios = [(g.optimal_score(s, xs) - g.pretrained(s, xs)) / posterior_gain(g.path, s, 0.5) for s in (0.0, 0.5, 1.0)]
+    assert all(0.3 < float(r.abs().max()) < 4 for r in ratios)  # while K_s itself falls from 1 to 0.003
+    with pytest.raises(ValueError, match="residual must be one of"):
+        make_task("gaussian", {"residual": "eps"})
