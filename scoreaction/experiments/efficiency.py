@@ -5,6 +5,9 @@ Clock: RL-time grids throughout, as in the trainer. Two sections, every cell run
     methods    every algorithm at its benchmarked setting (`METHODS`) on gaussian d=2, gaussian d=16 and mixture
                (beta_KL = 1): the paired fraction of the achievable improvement closed against sampled
                trajectories, and the trajectories needed to close 80, 90 and 95 % of it.
+    solvers    the fraction of the reward gain under 20 EM steps that a policy trained there keeps under other
+               solvers and step counts (finetune_bench's robustness section), over seeds, beside the exact optimal
+               control's: ctrl with the plain and the x0-scaled residual (models/residual.py), and ddpo.
     settings   ctrl against the best reward-only baseline (ddpo) where the continuous-time view should matter:
                coarse training grids (K = 5, 10), random and EDM grids, higher dimension (d = 64, 256), small
                and large beta_KL. Every run trains on its own grid and is scored on a 200-step uniform grid,
@@ -39,8 +42,8 @@ import torch
 
 from scoreaction.config import Options, option
 from scoreaction.experiments.common import executor, machine_info
-from scoreaction.experiments.finetune_config import Variant
-from scoreaction.experiments.finetune_jobs import SCRATCH, optimal_policy
+from scoreaction.experiments.finetune_config import ROBUSTNESS_BASE, ROBUSTNESS_SOLVERS, Variant
+from scoreaction.experiments.finetune_jobs import SCRATCH, EvalPlan, optimal_policy, robustness_gains
 from scoreaction.io import atomic_write_bytes
 from scoreaction.samplers import make_grid
 from scoreaction.tasks import make_task
@@ -48,9 +51,9 @@ from scoreaction.train import TrainConfig, Trainer
 
 REPORT, RESULTS, PREFIX = "efficiency.md", "efficiency.json", "efficiency_"
 FORMAT = "scoreaction-efficiency-1"
-SECTIONS = ("methods", "settings")
+SECTIONS = ("methods", "solvers", "settings")
 LEVELS = (0.8, 0.9, 0.95)
-EVAL_SEED, FINAL_SEED = 10_000, 20_000  # evaluation draws, shared by every run of a task (hence paired with a*)
+EVAL_SEED, FINAL_SEED, ROBUST_SEED = 10_000, 20_000, 30_000  # evaluation draws: every run of a task (paired)
 
 # Each algorithm at its benchmarked setting: the learning rates of docs/benchmarks/tuning-notes.md (a sweep on
 # seed 0; the reported runs use other seeds), and for every one the linear decay to 0 over the run, which took
@@ -64,6 +67,11 @@ METHODS = {v.name: v for v in (
     Variant("draft", "draft", algo={"lr": 3e-3}, lr_decay=True),
     Variant("adjoint", "adjoint", lr_decay=True),  # its defaults: lr 3e-3 from the same sweep (algorithms/adjoint.py)
 )}
+# The solvers section: ctrl as above, and with the residual read as an x0 correction (K_s times the net, K_s the
+# posterior gain of models/residual.py), which fades in the noise as the optimal correction does (E21).
+SOLVER_METHODS = {"ctrl": METHODS["ctrl"], "ctrl-x0": Variant("ctrl-x0", "ctrl", "random", lr_decay=True,
+                                                              task={"residual": "x0"}), "ddpo": METHODS["ddpo"]}
+SOLVER_TASK = "gaussian-d2"
 REWARD_ONLY = ("ddpo", "grpo", "dpok", "ctpg")  # the black-box setting of human-preference rewards
 REWARD_GRADIENT = ("draft", "adjoint")  # methods that differentiate the reward
 TASKS = {
@@ -123,6 +131,7 @@ class EfficiencyConfig(Options):
     final_n: int = option(16384, help="samples of the final evaluation")
     settings_eval_n: int = option(1024, help="samples per point of a curve in the settings section (d = 256 is costly)")
     settings_final_n: int = option(8192, help="samples of the final evaluation in the settings section")
+    robust_n: int = option(16384, help="samples per solver in the solvers section")
     eval_steps: int = option(200, help="Euler-Maruyama steps of every evaluation (a uniform grid)")
     reference_n: int | None = option(None, help="Monte-Carlo size of the mixture's reference (default: the task's)")
     workers: int = option(2, help="processes for the training runs")
@@ -140,7 +149,7 @@ class EfficiencyConfig(Options):
                 isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
             raise ValueError(f"seeds must be at least two distinct integers >= 0, found {list(self.seeds)}")
         for name in ("batch_size", "updates", "settings_updates", "dense", "eval_every", "eval_n", "final_n",
-                     "settings_eval_n", "settings_final_n", "eval_steps", "workers", "threads"):
+                     "settings_eval_n", "settings_final_n", "robust_n", "eval_steps", "workers", "threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, found {value!r}")
@@ -151,7 +160,7 @@ class EfficiencyConfig(Options):
         return cls(out=out, command=command, quick=True, seeds=(1, 2), methods=("ctrl", "ddpo"),
                    tasks=("gaussian-d2",), settings=("K=5", "d=64"), batch_size=32, updates=3, settings_updates=2,
                    dense=2, eval_every=1, eval_n=128, final_n=256, settings_eval_n=64, settings_final_n=128,
-                   eval_steps=20, reference_n=4096, workers=1)
+                   robust_n=64, eval_steps=20, reference_n=4096, workers=1)
 
 
 # --- jobs -------------------------------------------------------------------------------------------------------
@@ -163,6 +172,7 @@ class ReferenceJob:
     final_n: int
     eval_steps: int
     reference_n: int | None
+    robust_n: int = 0  # > 0: also a*'s solver fractions (the solvers section)
 
 
 @dataclass
@@ -171,6 +181,7 @@ class Reference:
     reference: dict  # Task.compute_reference(): J_star, E_pre_r, ...
     j_opt_eval: torch.Tensor  # a*'s per-sample J on the curve draws
     j_opt_final: torch.Tensor  # ... and on the final draws
+    solvers: dict[str, float] | None = None  # a*'s fraction of its EM-20 gain kept under each solver
 
     @property
     def improvement(self) -> float:
@@ -211,6 +222,7 @@ class Run:
     path_kl: float
     train_cpu_seconds: float
     wall_seconds: float
+    solvers: dict[str, float] | None = None  # the solvers section: the fraction of the EM-20 gain kept per solver
 
 
 @torch.no_grad()
@@ -237,7 +249,16 @@ def reference_job(job: ReferenceJob) -> Reference:
     task.use_reference(ref)
     a_star = optimal_policy(task)
     return Reference(job.key, ref, per_sample_objective(a_star, task, job.eval_steps, job.eval_n, EVAL_SEED)[0],
-                     per_sample_objective(a_star, task, job.eval_steps, job.final_n, FINAL_SEED)[0])
+                     per_sample_objective(a_star, task, job.eval_steps, job.final_n, FINAL_SEED)[0],
+                     solver_fractions(a_star, task, job.robust_n) if job.robust_n else None)
+
+
+def solver_fractions(policy, task, n: int) -> dict[str, float]:
+    """The paired reward gain over the pretrained model under each solver of finetune_bench's robustness table, as
+    a fraction of the gain under 20 EM steps; the same draws and noise for every policy (hence paired with a*)."""
+    plan = EvalPlan(eval_n=0, final_n=0, eval_steps=0, eval_seed=0, final_seed=0, robust_n=n, robust_seed=ROBUST_SEED,
+                    robust_solvers=ROBUSTNESS_SOLVERS, robust_base=ROBUSTNESS_BASE)
+    return {f"{g.solver} {g.steps}": g.fraction for g in robustness_gains(policy, task, plan)}
 
 
 def paired_fraction(j: torch.Tensor, ref: Reference) -> tuple[float, float]:
@@ -252,7 +273,7 @@ def run_job(args: tuple[RunJob, Reference, EfficiencyConfig]) -> Run:
     `eval_every`) and its final paired fraction."""
     job, ref, cfg = args
     start = time.perf_counter()
-    variant = METHODS[job.method]
+    variant = SOLVER_METHODS[job.method] if job.section == "solvers" else METHODS[job.method]
     settings = dict(steps=job.steps, batch_size=cfg.batch_size, updates=job.updates, seed=job.seed, eval_every=0,
                     eval_steps=cfg.eval_steps, tensorboard=False, out=SCRATCH)
     config = variant.train_config(job.task, **settings)
@@ -274,8 +295,9 @@ def run_job(args: tuple[RunJob, Reference, EfficiencyConfig]) -> Run:
     j, kl = per_sample_objective(policy, task, cfg.eval_steps, job.final_n, FINAL_SEED)
     policy.reference = saved
     final, se = paired_fraction(j, ref)
+    solvers = solver_fractions(policy, task, cfg.robust_n) if job.section == "solvers" else None
     return Run(job.section, job.cell, job.method, job.seed, trajectories, fractions, final, se,
-               float(kl.mean()), cpu, time.perf_counter() - start)
+               float(kl.mean()), cpu, time.perf_counter() - start, solvers)
 
 
 # --- statistics -------------------------------------------------------------------------------------------------
@@ -358,6 +380,9 @@ def jobs_of(cfg: EfficiencyConfig) -> list[RunJob]:
     if "methods" in cfg.sections:
         jobs += [RunJob("methods", key, m, s, TASKS[key], 20, None, cfg.updates, cfg.eval_n, cfg.final_n)
                  for key in cfg.tasks for m in cfg.methods for s in cfg.seeds]
+    if "solvers" in cfg.sections:
+        jobs += [RunJob("solvers", SOLVER_TASK, m, s, TASKS[SOLVER_TASK], 20, None, cfg.updates, cfg.eval_n,
+                        cfg.final_n) for m in SOLVER_METHODS for s in cfg.seeds]
     if "settings" in cfg.sections:
         jobs += [RunJob("settings", name, m, s, SETTINGS[name].task, SETTINGS[name].steps, SETTINGS[name].grid,
                         cfg.settings_updates, cfg.settings_eval_n, cfg.settings_final_n)
@@ -392,8 +417,10 @@ def run(cfg: EfficiencyConfig, log: Callable[[str], None] | None = None) -> Effi
               "machine": machine_info(cfg), "config": cfg.to_dict()}
     jobs = jobs_of(cfg)
     with executor(cfg) as pool:
+        robust_n = {j.reference_key: cfg.robust_n for j in jobs if j.section == "solvers"}
         ref_jobs = list({j.reference_key: ReferenceJob(j.reference_key, j.task, j.eval_n, j.final_n, cfg.eval_steps,
-                                                       cfg.reference_n) for j in jobs}.values())
+                                                       cfg.reference_n, robust_n.get(j.reference_key, 0))
+                         for j in jobs}.values())
         refs = {r.key: r for r in pool.map(reference_job, ref_jobs)}
         log(f"{len(refs)} references in {time.perf_counter() - start:.0f} s; {len(jobs)} runs")
         jobs.sort(key=lambda j: -_expected_cost(j))  # longest first: the pool ends together
@@ -407,7 +434,7 @@ def run(cfg: EfficiencyConfig, log: Callable[[str], None] | None = None) -> Effi
     results = previous(out) if not cfg.quick else None
     results = results or EfficiencyResults(FORMAT, {}, {}, [])
     results.runs = [r for r in results.runs if r.section not in cfg.sections] + runs
-    order = {name: i for i, name in enumerate((*TASKS, *SETTINGS, *METHODS))}
+    order = {name: i for i, name in enumerate((*TASKS, *SETTINGS, *METHODS, *SOLVER_METHODS))}
     results.runs.sort(key=lambda r: (SECTIONS.index(r.section), order.get(r.cell, 99), order.get(r.method, 99),
                                      r.seed))
     results.headers.update({section: header for section in cfg.sections})
@@ -415,6 +442,8 @@ def run(cfg: EfficiencyConfig, log: Callable[[str], None] | None = None) -> Effi
         ref = refs[j.reference_key].reference
         results.references[j.cell] = {"J_star": ref["J_star"], "E_pre_r": ref["E_pre_r"],
                                       "improvement": ref["J_star"] - ref["E_pre_r"]}
+        if j.section == "solvers":
+            results.references["solvers"] = refs[j.reference_key].solvers
     atomic_write_bytes(out / RESULTS, json.dumps(results.to_json(), indent=1).encode())
     write_report(results, out)
     log(f"wrote {out / REPORT} in {header['wall_seconds']:.0f} s")

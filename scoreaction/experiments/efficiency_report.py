@@ -45,6 +45,8 @@ def write_report(results: EfficiencyResults | dict, out: str | Path) -> Path:
              "chosen: [tuning-notes.md](tuning-notes.md) (a sweep on seed 0; the seeds below are others).", ""]
     if results.cells("methods"):
         lines += methods_section(results, out)
+    if results.cells("solvers"):
+        lines += solvers_section(results)
     if results.cells("settings"):
         lines += settings_section(results, out)
     atomic_write_bytes(out / REPORT, "\n".join(lines).encode())
@@ -135,12 +137,44 @@ def _rank(s) -> tuple:
     return (-s.reached[TARGET], hit[0] if hit else math.inf, -s.final[0])
 
 
+def solvers_section(results: EfficiencyResults) -> list[str]:
+    cells = results.cells("solvers")
+    optimal = results.references["solvers"]
+    solvers = list(optimal)
+    cfg = results.headers["solvers"]["config"]
+    lines = ["## 2. Solver consistency: the fraction of the gain kept under other solvers", ""]
+    lines += _header(results, "solvers")
+    lines += [f"Policies trained on gaussian d=2 as in section 1 ({cfg['updates']} updates, K = 20 Euler-Maruyama "
+              "steps, eta = 1). Each column: the paired reward gain over the pretrained model under that solver "
+              f"({cfg['robust_n']} samples, the same draws for every policy) as a fraction of the gain under em 20. "
+              "em: Euler-Maruyama (eta = 1); heun, dpm2: the probability-flow ODE (eta = 0). The a* row is the exact "
+              "optimal control's fraction; the other rows are a policy's fraction minus a*'s, over seeds (mean ± "
+              "95 % half-width, and the seed farthest from a*). ctrl-x0 is ctrl with the residual read as an x0 "
+              "correction (`task: {residual: x0}`, models/residual.py). Goal: within 0.03 of a* everywhere.", "",
+              "| policy | " + " | ".join(solvers) + " | cells within 0.03 (every seed) |",
+              "|---|" + "---|" * (len(solvers) + 1),
+              "| a* (exact) | " + " | ".join(f"{optimal[k]:.3f}" for k in solvers) + " | |"]
+    for (cell, method), runs in cells.items():
+        row, within = [], 0
+        for k in solvers:
+            dev = [r.solvers[k] - optimal[k] for r in runs]
+            mean, half = interval(dev)
+            worst = max(dev, key=abs)
+            within += all(abs(d) <= 0.03 for d in dev)
+            row.append(f"{mean:+.3f} ± {half:.3f} ({worst:+.3f})")
+        lines.append(f"| {method} | " + " | ".join(row) + f" | {within}/{len(solvers)} |")
+    finals = {m: cell_stats(runs).final for (c, m), runs in cells.items()}
+    lines += ["", "Fraction of the achievable improvement closed by the same runs (paired, 200 EM steps): " +
+              ", ".join(f"{m} {fmt_fraction(f)}" for m, f in finals.items()) + ".", ""]
+    return lines
+
+
 def settings_section(results: EfficiencyResults, out: Path) -> list[str]:
     cells = results.cells("settings")
     names = list(dict.fromkeys(c for c, _ in cells))
     cfg = results.headers["settings"]["config"]
     a, b = SETTINGS_METHODS
-    lines = ["## 2. Settings where the continuous-time view should matter", ""] + _header(results, "settings")
+    lines = ["## 3. Settings where the continuous-time view should matter", ""] + _header(results, "settings")
     lines += [f"{a} against {b} (the best reward-only method of section 1 on gaussian d=2 when this section was "
               f"designed), each at its setting of section 1, {cfg['settings_updates']} updates of "
               f"{cfg['batch_size']}, on gaussian d=2 and beta_KL = 1 unless the setting says otherwise. Grids: "

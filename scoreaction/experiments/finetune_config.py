@@ -38,10 +38,11 @@ class Variant:
     grid: str = "uniform"
     algo: dict = field(default_factory=dict)
     lr_decay: bool = False  # the policy's learning rate decays linearly to 0 over the run (lr_schedule: linear)
+    task: dict = field(default_factory=dict)  # task options of the variant, over the benchmark's (e.g. residual)
 
     def train_config(self, task: dict, **settings) -> dict:
         """The TrainConfig mapping (`TrainConfig.from_dict`) of this variant on `task` with `settings`."""
-        return {"task": dict(task), "algorithm": self.algorithm, "algo": dict(self.algo), "grid": self.grid,
+        return {"task": {**task, **self.task}, "algorithm": self.algorithm, "algo": dict(self.algo), "grid": self.grid,
                 "lr_schedule": "linear" if self.lr_decay else "constant", **settings}
 
 

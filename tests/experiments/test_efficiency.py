@@ -19,6 +19,10 @@ def _run(trajectories, fraction, seed=1, final=0.9):
                    1.0)
 
 
+def section_of(text: str, heading: str) -> str:
+    return text.split(heading, 1)[1].split("\n## ", 1)[0]
+
+
 def test_interval_is_the_student_t_interval():
     mean, half = eff.interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)  # t_{0.975, 2} = 4.3027
@@ -93,15 +97,20 @@ def test_chunked_evaluation_pairs_sample_by_sample_whatever_the_dimension():
 def test_quick_run_writes_both_sections_and_a_section_run_again_keeps_the_other(tmp_path):
     cfg = eff.EfficiencyConfig.quick_config(str(tmp_path))
     eff.run(eff.EfficiencyConfig.from_dict({**cfg.to_dict(), "quick": False, "sections": ("methods",)}))
-    eff.run(eff.EfficiencyConfig.from_dict({**cfg.to_dict(), "quick": False, "sections": ("settings",)}))
+    eff.run(eff.EfficiencyConfig.from_dict({**cfg.to_dict(), "quick": False, "sections": ("solvers", "settings")}))
     results = eff.EfficiencyResults.from_json(json.loads((tmp_path / "efficiency.json").read_text()))
-    assert set(results.headers) == {"methods", "settings"}
+    assert set(results.headers) == {"methods", "solvers", "settings"}
+    assert set(results.references["solvers"]) == {f"{s} {k}" for s, k in eff.ROBUSTNESS_SOLVERS}
+    assert results.references["solvers"]["em 20"] == 1.0
+    for runs in results.cells("solvers").values():
+        assert all(r.solvers["em 20"] == 1.0 and len(r.solvers) == len(eff.ROBUSTNESS_SOLVERS) for r in runs)
     assert len(results.cells("methods")) == 2 and len(results.cells("settings")) == 4
     for runs in (*results.cells("methods").values(), *results.cells("settings").values()):
         assert sorted(r.seed for r in runs) == [1, 2]
         assert all(r.trajectories == [0, 32, 64, 96][: len(r.trajectories)] for r in runs)
     text = (tmp_path / "efficiency.md").read_text()
-    assert "## 1. Methods" in text and "## 2. Settings" in text
+    assert "## 1. Methods" in text and "## 2. Solver consistency" in text and "## 3. Settings" in text
+    assert "| ctrl-x0 |" in section_of(text, "## 2. Solver consistency")
     assert (tmp_path / "efficiency_methods.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "efficiency_settings.png").exists()
     for (cell, method), runs in results.cells("methods").items():
