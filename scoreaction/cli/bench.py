@@ -28,6 +28,8 @@ class BenchOptions(Options):
     only: str | None = option(None, help="with task exact: comma-separated subset of optimality,robustness,cost; "
                                          "with task efficiency: of methods,settings")
     seeds: int = option(5, help="with task efficiency: seeds per cell (seed+1 ... seed+N)")
+    methods: str | None = option(None, help="with task efficiency: comma-separated methods of its methods section "
+                                            "(default all); their runs replace those in efficiency.json")
     quick: bool = option(False, help="tiny budgets, under a minute: a smoke test")
     seed: int = option(0, help="random seed")
     workers: int = option(2, help="processes for the training runs (diffusers measures one configuration at a time)")
@@ -46,6 +48,8 @@ class BenchOptions(Options):
         check_positive_int("seeds", self.seeds)
         if self.task != "efficiency" and self.seeds != 5:
             raise ValueError(f"--seeds applies to --task efficiency, not to --task {self.task}")
+        if self.methods is not None and self.task != "efficiency":
+            raise ValueError(f"--methods applies to --task efficiency, not to --task {self.task}")
         if self.task == "efficiency" and self.seeds < 2:
             raise ValueError(f"--seeds must be at least 2 for an interval over seeds, found {self.seeds}")
         if self.device not in DEVICES:
@@ -115,7 +119,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             config = bench.EfficiencyConfig(out=out, sections=opts.sections(), command=opts.command(),
                                             seeds=tuple(range(opts.seed + 1, opts.seed + 1 + opts.seeds)),
-                                            workers=opts.workers)
+                                            workers=opts.workers,
+                                            **({} if opts.methods is None else
+                                               {"methods": tuple(m.strip() for m in opts.methods.split(","))}))
     elif opts.task == "digits":
         from scoreaction.experiments import digits_bench as bench
 

@@ -60,6 +60,9 @@ EVAL_SEED, FINAL_SEED, ROBUST_SEED = 10_000, 20_000, 30_000  # evaluation draws:
 # both algorithms it was tried on (ctrl, ddpo) from about 0.97-0.98 to 0.99 closed on gaussian d=2.
 METHODS = {v.name: v for v in (
     Variant("ctrl", "ctrl", "random", lr_decay=True),
+    # ctrl with the residual read as an x0 correction (K_s times the net, K_s the posterior gain of
+    # models/residual.py), which fades in the noise as the optimal correction does (E21): the shipped default.
+    Variant("ctrl-x0", "ctrl", "random", lr_decay=True, task={"residual": "x0"}),
     Variant("ddpo", "ddpo", lr_decay=True),
     Variant("grpo", "grpo", algo={"lr": 3e-4}, lr_decay=True),
     Variant("dpok", "dpok", algo={"lr": 3e-3}, lr_decay=True),
@@ -67,10 +70,7 @@ METHODS = {v.name: v for v in (
     Variant("draft", "draft", algo={"lr": 3e-3}, lr_decay=True),
     Variant("adjoint", "adjoint", lr_decay=True),  # its defaults: lr 3e-3 from the same sweep (algorithms/adjoint.py)
 )}
-# The solvers section: ctrl as above, and with the residual read as an x0 correction (K_s times the net, K_s the
-# posterior gain of models/residual.py), which fades in the noise as the optimal correction does (E21).
-SOLVER_METHODS = {"ctrl": METHODS["ctrl"], "ctrl-x0": Variant("ctrl-x0", "ctrl", "random", lr_decay=True,
-                                                              task={"residual": "x0"}), "ddpo": METHODS["ddpo"]}
+SOLVER_METHODS = {name: METHODS[name] for name in ("ctrl", "ctrl-x0", "ddpo")}
 SOLVER_TASK = "gaussian-d2"
 REWARD_ONLY = ("ddpo", "grpo", "dpok", "ctpg")  # the black-box setting of human-preference rewards
 REWARD_GRADIENT = ("draft", "adjoint")  # methods that differentiate the reward
@@ -273,7 +273,7 @@ def run_job(args: tuple[RunJob, Reference, EfficiencyConfig]) -> Run:
     `eval_every`) and its final paired fraction."""
     job, ref, cfg = args
     start = time.perf_counter()
-    variant = SOLVER_METHODS[job.method] if job.section == "solvers" else METHODS[job.method]
+    variant = METHODS[job.method]
     settings = dict(steps=job.steps, batch_size=cfg.batch_size, updates=job.updates, seed=job.seed, eval_every=0,
                     eval_steps=cfg.eval_steps, tensorboard=False, out=SCRATCH)
     config = variant.train_config(job.task, **settings)
@@ -433,11 +433,14 @@ def run(cfg: EfficiencyConfig, log: Callable[[str], None] | None = None) -> Effi
     header["wall_seconds"] = time.perf_counter() - start
     results = previous(out) if not cfg.quick else None
     results = results or EfficiencyResults(FORMAT, {}, {}, [])
-    results.runs = [r for r in results.runs if r.section not in cfg.sections] + runs
+    done = {(j.section, j.method) for j in jobs}
+    results.runs = [r for r in results.runs if (r.section, r.method) not in done] + runs
     order = {name: i for i, name in enumerate((*TASKS, *SETTINGS, *METHODS, *SOLVER_METHODS))}
     results.runs.sort(key=lambda r: (SECTIONS.index(r.section), order.get(r.cell, 99), order.get(r.method, 99),
                                      r.seed))
-    results.headers.update({section: header for section in cfg.sections})
+    partial = set(cfg.methods) != set(METHODS)  # a run of some methods adds to the section's earlier runs
+    results.headers.update({(f"{section} ({', '.join(cfg.methods)})" if partial and section == "methods" else section):
+                            header for section in cfg.sections})
     for j in jobs:
         ref = refs[j.reference_key].reference
         results.references[j.cell] = {"J_star": ref["J_star"], "E_pre_r": ref["E_pre_r"],

@@ -54,7 +54,14 @@ def write_report(results: EfficiencyResults | dict, out: str | Path) -> Path:
 
 
 def _header(results: EfficiencyResults, section: str) -> list[str]:
-    h = results.headers[section]
+    lines = []
+    for key, h in results.headers.items():
+        if key == section or key.startswith(section + " ("):
+            lines += _one_header(h)
+    return lines
+
+
+def _one_header(h: dict) -> list[str]:
     m, cfg = h["machine"], h["config"]
     load = lambda values: "n/a" if not values else "(" + ", ".join(f"{v:.1f}" for v in values) + ")"  # noqa: E731
     quick = " **Quick mode: tiny budgets, the numbers mean nothing.**" if cfg.get("quick") else ""
@@ -84,25 +91,38 @@ def _row(name: str, s) -> str:
             f" | {s.path_kl[0]:.3f} | {s.cpu_seconds[0]:.0f} |")
 
 
-def compare(ctrl, other, name: str) -> str:
-    """ctrl's trajectories to TARGET against another cell's: ratio and whether the intervals separate."""
-    a, b = ctrl.to_level[TARGET], other.to_level[TARGET]
-    if a is None and b is None:
-        return f"neither ctrl nor {name} reaches {TARGET} on every seed"
+def compare(ctrl, other, name: str, ours: str = "ctrl") -> str:
+    """ctrl's trajectories to the highest level that either reaches on every seed, against another cell's: the
+    ratio, and which needs fewer where the intervals separate."""
+    level = next((str(lv) for lv in sorted(LEVELS, reverse=True)
+                  if ctrl.to_level[str(lv)] is not None or other.to_level[str(lv)] is not None), None)
+    if level is None:
+        return f"neither {ours} nor {name} reaches {min(LEVELS)} on every seed"
+    a, b = ctrl.to_level[level], other.to_level[level]
+    at = "" if level == TARGET else f"to {level}: "
     if b is None:
-        return f"ctrl reaches {TARGET} on every seed, {name} on {other.reached[TARGET]}/{other.seeds}: ctrl is better"
+        return (f"{at}{ours} reaches {level} on every seed, {name} on {other.reached[level]}/{other.seeds}: "
+                f"{ours} is better")
     if a is None:
-        return f"{name} reaches {TARGET} on every seed, ctrl on {ctrl.reached[TARGET]}/{ctrl.seeds}: {name} is better"
-    verdict = ("ctrl needs fewer" if a[0] < b[0] else f"{name} needs fewer") if separated(a, b) else \
+        return (f"{at}{name} reaches {level} on every seed, {ours} on {ctrl.reached[level]}/{ctrl.seeds}: "
+                f"{name} is better")
+    verdict = (f"{ours} needs fewer" if a[0] < b[0] else f"{name} needs fewer") if separated(a, b) else \
         "no difference (the intervals overlap)"
-    return f"ctrl needs {a[0] / b[0]:.2f}x the trajectories of {name}: {verdict}"
+    return f"{at}{ours} needs {a[0] / b[0]:.2f}x the trajectories of {name}: {verdict}"
+
+
+def compare_final(ctrl, other, name: str, ours: str = "ctrl") -> str:
+    """The final fractions closed: which is higher where the intervals separate."""
+    if not separated(ctrl.final, other.final):
+        return "no difference"
+    return f"{ours} higher" if ctrl.final[0] > other.final[0] else f"{name} higher"
 
 
 def methods_section(results: EfficiencyResults, out: Path) -> list[str]:
     cells = results.cells("methods")
     tasks = list(dict.fromkeys(c for c, _ in cells))
     lines = ["## 1. Methods on the exact tasks", ""] + _header(results, "methods")
-    cfg = results.headers["methods"]["config"]
+    cfg = next(h for k, h in results.headers.items() if k.startswith("methods"))["config"]
     lines += [f"Every method at its benchmarked setting (`METHODS` in scoreaction/experiments/efficiency.py), "
               f"{cfg['updates']} updates of {cfg['batch_size']} trajectories with K = 20 Euler-Maruyama steps, the "
               "learning rate decaying linearly to 0 over the run, beta_KL = 1. Reward-only methods (the black-box "
@@ -116,16 +136,20 @@ def methods_section(results: EfficiencyResults, out: Path) -> list[str]:
                   "| method | fraction closed | trajectories to 0.8 | to 0.9 | to 0.95 | path KL | train CPU s |",
                   "|---|---|---|---|---|---|---|"]
         lines += [_row(m, s) for m, s in stats.items()] + [""]
-        if "ctrl" in stats:
-            only = {m: s for m, s in stats.items() if m in REWARD_ONLY}
-            best = min(only, key=lambda m: _rank(only[m]), default=None)
+        only = {m: s for m, s in stats.items() if m in REWARD_ONLY}
+        best = min(only, key=lambda m: _rank(only[m]), default=None)
+        for ours in (m for m in stats if m.startswith("ctrl")):
+            mine = stats[ours]
             if best:
-                summary.append(f"- {task}, against the best reward-only method ({best}): "
-                               + compare(stats["ctrl"], only[best], best) + ".")
-            for m in (m for m in REWARD_GRADIENT if m in stats):
-                summary.append(f"- {task}, against {m}: " + compare(stats["ctrl"], stats[m], m) + ".")
+                summary.append(f"- {task}, {ours} against the best reward-only method ({best}): "
+                               + compare(mine, only[best], best, ours)
+                               + f"; final fraction: {compare_final(mine, only[best], best, ours)}.")
+            for m in (m for m in stats if not m.startswith("ctrl") and m != best):
+                summary.append(f"- {task}, {ours} against {m}: " + compare(mine, stats[m], m, ours)
+                               + f"; final fraction: {compare_final(mine, stats[m], m, ours)}.")
     if summary:
-        lines += ["### ctrl against the others (trajectories to 0.95)", ""] + summary + [""]
+        lines += ["### ctrl against the others", "", "Trajectories to 0.95 (or to the highest level either method "
+                  "reaches on every seed), and the final fraction closed.", ""] + summary + [""]
     plot = PREFIX + "methods.png"
     _curves(out / plot, {t: {m: runs for (c, m), runs in cells.items() if c == t} for t in tasks})
     return lines + [f"![curves]({plot})", ""]
@@ -141,7 +165,7 @@ def solvers_section(results: EfficiencyResults) -> list[str]:
     cells = results.cells("solvers")
     optimal = results.references["solvers"]
     solvers = list(optimal)
-    cfg = results.headers["solvers"]["config"]
+    cfg = next(h for k, h in results.headers.items() if k.startswith("solvers"))["config"]
     lines = ["## 2. Solver consistency: the fraction of the gain kept under other solvers", ""]
     lines += _header(results, "solvers")
     lines += [f"Policies trained on gaussian d=2 as in section 1 ({cfg['updates']} updates, K = 20 Euler-Maruyama "
@@ -172,18 +196,19 @@ def solvers_section(results: EfficiencyResults) -> list[str]:
 def settings_section(results: EfficiencyResults, out: Path) -> list[str]:
     cells = results.cells("settings")
     names = list(dict.fromkeys(c for c, _ in cells))
-    cfg = results.headers["settings"]["config"]
+    cfg = next(h for k, h in results.headers.items() if k.startswith("settings"))["config"]
     a, b = SETTINGS_METHODS
     lines = ["## 3. Settings where the continuous-time view should matter", ""] + _header(results, "settings")
     lines += [f"{a} against {b} (the best reward-only method of section 1 on gaussian d=2 when this section was "
               f"designed), each at its setting of section 1, {cfg['settings_updates']} updates of "
               f"{cfg['batch_size']}, on gaussian d=2 and beta_KL = 1 unless the setting says otherwise. Grids: "
               "each method's own (ctrl random, ddpo uniform) unless the setting names one.", "",
-              f"| setting | {a}: fraction closed | {b}: fraction closed | {a}: trajectories to {TARGET} | "
-              f"{b}: trajectories to {TARGET} | trajectories to {TARGET} |", "|---|---|---|---|---|---|"]
+              f"| setting | {a}: fraction closed | {b}: fraction closed | final | {a}: trajectories to {TARGET} | "
+              f"{b}: trajectories to {TARGET} | trajectories (to {TARGET}, else the highest level reached) |",
+              "|---|---|---|---|---|---|---|"]
     for name in names:
         sa, sb = cell_stats(cells[(name, a)]), cell_stats(cells[(name, b)])
-        lines.append(f"| {name} | {fmt_fraction(sa.final)} | {fmt_fraction(sb.final)} | "
+        lines.append(f"| {name} | {fmt_fraction(sa.final)} | {fmt_fraction(sb.final)} | {compare_final(sa, sb, b)} | "
                      f"{fmt_count(sa.to_level[TARGET], sa.reached[TARGET], sa.seeds)} | "
                      f"{fmt_count(sb.to_level[TARGET], sb.reached[TARGET], sb.seeds)} | {compare(sa, sb, b)} |")
     plot = PREFIX + "settings.png"

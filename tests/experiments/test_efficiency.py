@@ -99,7 +99,7 @@ def test_quick_run_writes_both_sections_and_a_section_run_again_keeps_the_other(
     eff.run(eff.EfficiencyConfig.from_dict({**cfg.to_dict(), "quick": False, "sections": ("methods",)}))
     eff.run(eff.EfficiencyConfig.from_dict({**cfg.to_dict(), "quick": False, "sections": ("solvers", "settings")}))
     results = eff.EfficiencyResults.from_json(json.loads((tmp_path / "efficiency.json").read_text()))
-    assert set(results.headers) == {"methods", "solvers", "settings"}
+    assert set(results.headers) == {"methods (ctrl, ddpo)", "solvers", "settings"}  # some methods, named
     assert set(results.references["solvers"]) == {f"{s} {k}" for s, k in eff.ROBUSTNESS_SOLVERS}
     assert results.references["solvers"]["em 20"] == 1.0
     for runs in results.cells("solvers").values():
@@ -108,18 +108,26 @@ def test_quick_run_writes_both_sections_and_a_section_run_again_keeps_the_other(
     for runs in (*results.cells("methods").values(), *results.cells("settings").values()):
         assert sorted(r.seed for r in runs) == [1, 2]
         assert all(r.trajectories == [0, 32, 64, 96][: len(r.trajectories)] for r in runs)
+    ctrl_runs = [r for r in results.runs if r.section == "methods" and r.method == "ctrl"]
+    eff.run(eff.EfficiencyConfig.from_dict({**cfg.to_dict(), "quick": False, "sections": ("methods",),
+                                            "methods": ("ddpo",), "seeds": (7, 8)}))
+    again = eff.EfficiencyResults.from_json(json.loads((tmp_path / "efficiency.json").read_text()))
+    assert [r for r in again.runs if r.section == "methods" and r.method == "ctrl"] == ctrl_runs  # kept
+    assert sorted(r.seed for r in again.cells("methods")[("gaussian-d2", "ddpo")]) == [7, 8]  # replaced
+    assert "methods (ddpo)" in again.headers and len(again.cells("settings")) == 4
     text = (tmp_path / "efficiency.md").read_text()
+    assert text.count("--task efficiency") >= 2  # both commands of the methods section are shown
     assert "## 1. Methods" in text and "## 2. Solver consistency" in text and "## 3. Settings" in text
     assert "| ctrl-x0 |" in section_of(text, "## 2. Solver consistency")
     assert (tmp_path / "efficiency_methods.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "efficiency_settings.png").exists()
-    for (cell, method), runs in results.cells("methods").items():
+    for (cell, method), runs in again.cells("methods").items():
         mean, half = eff.interval([r.final for r in runs])
         assert f"| {method} | {mean:.4f} ± {half:.4f} |" in text
 
 
 @pytest.mark.parametrize("task", ["gaussian", "mixture"])
-@pytest.mark.parametrize("method", list(eff.METHODS))
+@pytest.mark.parametrize("method", [m for m in eff.METHODS if m != "ctrl-x0"])
 def test_shipped_configs_are_the_benchmarked_settings(method, task):
     """configs/<method>-<task>.yaml is what efficiency.md measures: the same algorithm, grid, options, schedule and
     budget, so a user running it gets the benchmarked figure."""
@@ -130,7 +138,7 @@ def test_shipped_configs_are_the_benchmarked_settings(method, task):
 
     root = Path(__file__).resolve().parents[2]
     shipped = TrainConfig.from_dict(load_yaml(root / "configs" / f"{method}-{task}.yaml"))
-    v = eff.METHODS[method]
+    v = eff.METHODS["ctrl-x0" if method == "ctrl" else method]  # the shipped ctrl is ctrl-x0
     benchmarked = TrainConfig.from_dict(v.train_config(eff.TASKS["mixture" if task == "mixture" else "gaussian-d2"],
                                                        updates=eff.EfficiencyConfig().updates))
     for name in ("algorithm", "algo", "grid", "lr_schedule", "steps", "batch_size", "updates"):
