@@ -200,7 +200,7 @@ def settings_section(results: EfficiencyResults, out: Path) -> list[str]:
     a, b = SETTINGS_METHODS
     lines = ["## 3. Settings where the continuous-time view should matter", ""] + _header(results, "settings")
     lines += [f"{a} against {b} (the best reward-only method of section 1 on gaussian d=2 when this section was "
-              f"designed), each at its setting of section 1, {cfg['settings_updates']} updates of "
+              f"designed), each at its setting of section 1 ({a}: the plain residual, not ctrl-x0), {cfg['settings_updates']} updates of "
               f"{cfg['batch_size']}, on gaussian d=2 and beta_KL = 1 unless the setting says otherwise. Grids: "
               "each method's own (ctrl random, ddpo uniform) unless the setting names one.", "",
               f"| setting | {a}: fraction closed | {b}: fraction closed | final | {a}: trajectories to {TARGET} | "
