@@ -239,7 +239,11 @@ def test_many_labelers_at_once_lose_and_duplicate_nothing(store, live_server):
         try:
             for _ in range(limit):
                 conn.request("GET", "/api/next", headers=headers)
-                pair = json.loads(conn.getresponse().read())
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status != 200:  # say what came back (a flake once gave an empty body under load)
+                    raise AssertionError(f"GET /api/next: {resp.status} {data[:200]!r}")
+                pair = json.loads(data)
                 if pair["done"]:
                     return
                 body = json.dumps({"left": pair["left"]["id"], "right": pair["right"]["id"], "choice": "left",
