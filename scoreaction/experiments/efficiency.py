@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from scoreaction.config import Options, option
+from scoreaction.config import Options, check_positive_int, option
 from scoreaction.experiments.common import executor, machine_info
 from scoreaction.experiments.finetune_config import ROBUSTNESS_BASE, ROBUSTNESS_SOLVERS, Variant
 from scoreaction.experiments.finetune_jobs import SCRATCH, EvalPlan, optimal_policy, robustness_gains
@@ -150,9 +150,7 @@ class EfficiencyConfig(Options):
             raise ValueError(f"seeds must be at least two distinct integers >= 0, found {list(self.seeds)}")
         for name in ("batch_size", "updates", "settings_updates", "dense", "eval_every", "eval_n", "final_n",
                      "settings_eval_n", "settings_final_n", "robust_n", "eval_steps", "workers", "threads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, found {value!r}")
+            check_positive_int(name, getattr(self, name))
 
     @classmethod
     def quick_config(cls, out: str, command: str = "scoreaction bench --task efficiency --quick") -> EfficiencyConfig:

@@ -91,6 +91,10 @@ def test_config_file_then_flags_then_set(capsys, tmp_path):
     (["evaluate"], "--checkpoint is required"),
     (["bench", "--task", "nope"], "--task must be one of"),
     (["bench", "--task", "digits", "--only", "cost"], "--only applies to --task exact and efficiency"),
+    (["bench", "--task", "efficiency", "--methods", "foo"], "methods must be a non-empty subset of ['ctrl', "),
+    (["bench", "--task", "digits", "--methods", "ctrl"], "--methods applies to --task efficiency"),
+    (["bench", "--task", "efficiency", "--seeds", "1"], "--seeds must be at least 2 for an interval over seeds"),
+    (["bench", "--task", "efficiency", "--only", "speed"], "--only takes a comma-separated subset of methods,"),
     (["pretrain", "--steps", "0"], "steps must be a positive integer, found 0"),
     (["quickstart", "--set", "updates=-1"], "updates must be a positive integer"),
 ])
