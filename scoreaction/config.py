@@ -280,6 +280,25 @@ def check_nonnegative_int(name: str, value) -> None:
         raise ConfigError(f"{name} must be an integer >= 0, found {shown(value)}")
 
 
+SEED_LIMIT = 2**63  # seeds are integers in [0, SEED_LIMIT): what every generator we seed accepts
+
+
+def check_seed(name: str, value) -> None:
+    """A random seed: an integer in [0, 2**63 - 1] (torch, numpy and random all accept these)."""
+    if not (_is_int(value) and 0 <= value < SEED_LIMIT):
+        raise ConfigError(f"{name} must be an integer >= 0 and < 2**63, found {shown(value)}")
+
+
+TIME_LIMIT = 253_402_300_800  # Unix time of the year 10000: timestamps are seconds in [0, TIME_LIMIT)
+
+
+def check_timestamp(name: str, value) -> None:
+    """A Unix time in seconds: a finite number from 1970 to the end of the year 9999."""
+    if not (_is_number(value) and 0 <= value < TIME_LIMIT):  # a NaN fails the comparison
+        raise ConfigError(f"{name} must be Unix time in seconds (from 0 to {TIME_LIMIT}, the year 10000), "
+                          f"found {shown(value)}")
+
+
 def check_choice(name: str, value, choices) -> None:
     try:
         known = value in choices
@@ -299,6 +318,41 @@ def check_text(name: str, value) -> None:
     """An optional string option (None, or a non-empty string)."""
     if value is not None and not (isinstance(value, str) and value):
         raise ConfigError(f"{name} must be a non-empty string, found {shown(value)}")
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine in bytes (psutil where installed, else sysconf; 2^62 if unknown)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def check_size(name: str, value, limit: int, why: str = "") -> None:
+    """An integer size option of at most `limit`; the error names the option, the value and the limit."""
+    if _is_int(value) and value > limit:
+        raise ConfigError(f"{name} must be at most {limit}{f' ({why})' if why else ''}, found {shown(value)}")
+
+
+def check_samples(name: str, n, shape, itemsize: int = 4, copies: int = 2) -> None:
+    """`n` samples of `shape` (`copies` arrays of them, e.g. the state and its noise) must fit in memory."""
+    elements = math.prod(shape) if shape else 1
+    check_memory(name, n, copies * elements * itemsize, f"{copies} x {elements} values of {itemsize} bytes per sample")
+
+
+def check_memory(name: str, value, bytes_each: int, what: str = "") -> None:
+    """A size whose memory, `value * bytes_each` bytes (a lower bound of what it allocates, e.g. one float32
+    per sample), must fit in this machine's memory: refused before anything is allocated."""
+    total = memory_bytes()
+    limit = max(1, total // max(1, bytes_each))
+    check_size(name, value, limit, f"{what or f'{bytes_each} bytes each'}; this machine has {total / 2**30:.3g} GiB "
+                                   f"of memory")
 
 
 def check_flag(name: str, value) -> None:

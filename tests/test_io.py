@@ -21,7 +21,9 @@ def test_atomic_folder_builds_beside_and_replaces(tmp_path):
     with atomic_folder(tmp_path / "out") as tmp:
         assert tmp.name == f".out.tmp-{os.getpid()}" and not (tmp_path / "out").exists()
         (tmp / "a").write_text("1")
-    with atomic_folder(tmp_path / "out") as tmp:
+    with pytest.raises(OutputError, match="replaced only when asked"), atomic_folder(tmp_path / "out"):
+        pass  # an existing folder is replaced only when asked
+    with atomic_folder(tmp_path / "out", replace=True) as tmp:
         (tmp / "b").write_text("2")
         assert (tmp_path / "out" / "a").read_text() == "1"  # the old one stays readable meanwhile
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -31,7 +33,7 @@ def test_atomic_folder_builds_beside_and_replaces(tmp_path):
 def test_atomic_folder_leaves_the_old_folder_when_filling_fails(tmp_path):
     with atomic_folder(tmp_path / "out") as tmp:
         (tmp / "a").write_text("1")
-    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "out") as tmp:
+    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "out", replace=True) as tmp:
         (tmp / "b").write_text("2")
         raise RuntimeError
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -8,13 +8,15 @@ with fold_kl (default) the reward is r - beta_KL * path KL, so DDPO optimises th
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import torch
 
 from scoreaction.algorithms.base import Algorithm, AlgorithmConfig, Batch, Transitions, clipped_surrogate, rescore
-from scoreaction.config import check_positive, check_positive_int
+from scoreaction.config import check_positive, check_positive_int, shown
+from scoreaction.errors import CheckpointError
 
 
 @dataclass
@@ -66,8 +68,24 @@ class PerPromptStats:
         return tensors, {"stats_keys": [None if k is None else list(k) for k in keys]}
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Inverse of `state`, every key and buffer checked first (a CheckpointError names what is wrong)."""
+        keys = meta.get("stats_keys", [])
+        where = "the checkpoint's per-prompt statistics (algorithm_extra.stats_keys, train.safetensors stats.*)"
+        if not isinstance(keys, list) or any(k is not None and not (isinstance(k, list) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in k)) for k in keys):
+            raise CheckpointError(f"{where}: stats_keys must be a list of null or lists of numbers, found {shown(keys)}")
+        names = {f"stats.{i}" for i in range(len(keys))}
+        if set(tensors) != names:
+            odd = sorted(set(tensors) ^ names)[0]
+            raise CheckpointError(f"{where}: {len(keys)} keys, but the buffer {odd!r} is "
+                                  f"{'extra' if odd in tensors else 'missing'}")
+        for name in sorted(names):
+            buffer = tensors[name]
+            if buffer.ndim != 1 or not buffer.is_floating_point() or not bool(torch.isfinite(buffer).all()):
+                raise CheckpointError(f"{where}: {name} must be a 1-D tensor of finite floats, found "
+                                      f"{buffer.dtype} of shape {tuple(buffer.shape)}")
         self.buffers.clear()
-        for i, key in enumerate(meta.get("stats_keys", [])):
+        for i, key in enumerate(keys):
             self.buffers[None if key is None else tuple(key)].extend(tensors[f"stats.{i}"].tolist())
 
 

@@ -11,9 +11,10 @@ import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from scoreaction.cli.common import add_run_switches, check_folder_path
+from scoreaction.cli.common import add_run_switches
 from scoreaction.cli.options import add_config_args, add_options, assemble
-from scoreaction.config import Options, check_nonnegative_int, check_positive_int, option
+from scoreaction.config import Options, check_positive_int, check_seed, option
+from scoreaction.io import check_output_folder
 
 BENCH_TASKS = ("exact", "efficiency", "digits", "diffusers")
 DEVICES = ("auto", "cpu", "cuda")
@@ -41,7 +42,7 @@ class BenchOptions(Options):
     def __post_init__(self):
         if self.task not in BENCH_TASKS:
             raise ValueError(f"--task must be one of {list(BENCH_TASKS)}, found {self.task!r}")
-        check_nonnegative_int("seed", self.seed)
+        check_seed("seed", self.seed)
         check_positive_int("workers", self.workers)
         if self.only is not None and self.task not in ("exact", "efficiency"):
             raise ValueError(f"--only applies to --task exact and efficiency, not to --task {self.task}")
@@ -98,7 +99,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     opts = BenchOptions.from_dict(assemble(args), "for bench")
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
     if opts.out:
-        check_folder_path(opts.out)
+        check_output_folder(opts.out, "--out")
     out = opts.out or (tempfile.mkdtemp(prefix="scoreaction-bench-") if opts.quick else "docs/benchmarks")
     if opts.task == "diffusers":
         from scoreaction.experiments import diffusers_bench as bench

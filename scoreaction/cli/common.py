@@ -1,4 +1,5 @@
-"""Helpers shared by the command modules: threads, output files, printing."""
+"""Helpers shared by the command modules: threads, output files, printing. Output paths are checked by
+`scoreaction.io.check_output` (one policy for every command)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import argparse
 import io
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,9 +15,11 @@ from scoreaction.io import atomic_write_bytes
 
 
 def add_run_switches(parser: argparse.ArgumentParser, *, quiet: bool = True, threads: bool = True) -> None:
-    """Switches that change how a command runs, not what it computes: -q and --threads."""
+    """Switches that change how a command runs, not what it computes: -q, --verbose and --threads."""
     if quiet:
         parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar or progress lines")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the log lines, warnings and progress bars of diffusers and transformers")
     if threads:
         parser.add_argument("--threads", type=int, metavar="N",
                             help="torch CPU threads (default: torch's choice, capped at the cores the load average leaves free)")
@@ -37,15 +39,11 @@ def set_threads(args: argparse.Namespace) -> None:
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(min(torch.get_num_threads(), default_threads()))
         return
-    if args.threads < 1:
-        raise ValueError(f"threads must be a positive integer, found {args.threads}")
+    most = 64 * (os.cpu_count() or 1)  # far past any gain: threads beyond the cores only wait for them
+    if not 1 <= args.threads <= most:
+        raise ValueError(f"--threads must be a positive integer of at most {most} ({os.cpu_count()} cores here), "
+                         f"found {args.threads}")
     torch.set_num_threads(args.threads)
-
-
-def check_new_file(path: str, what: str = "output") -> None:
-    """An output path must not be an existing folder, and its folder must exist or be creatable."""
-    if os.path.isdir(path):
-        raise ValueError(f"{what} {path!r} is a folder; expected a file name")
 
 
 def save_npz(path: str, **arrays) -> None:
@@ -66,12 +64,3 @@ def print_table(values: dict, keys=None) -> None:
         if key in values:
             value = values[key]
             print(f"{key:22s} {value:.5g}" if isinstance(value, float) else f"{key:22s} {value}")
-
-
-def check_folder_path(path: str, what: str = "out") -> None:
-    """A folder to create or fill must not be an existing file, nor lie under one: one line, before anything runs."""
-    p = Path(path)
-    for part in (p, *p.parents):
-        if part.exists() and not part.is_dir():
-            where = "is a file" if part == p else f"lies under the file {str(part)!r}"
-            raise ValueError(f"{what} {path!r} {where}; expected a folder")

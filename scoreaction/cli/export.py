@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 
 from scoreaction.cli.common import add_run_switches, set_threads
-from scoreaction.cli.options import add_config_args, add_options, assemble
-from scoreaction.config import Options, option
-from scoreaction.io import atomic_folder
+from scoreaction.cli.options import add_config_args, add_options, assemble, checkpoint_overrides, section
+from scoreaction.config import Options, check_flag, option
+from scoreaction.io import EXPORTED_PIPELINE, atomic_folder, check_output
 from scoreaction.models.pipeline import save_lora, save_merged
 
 
@@ -21,6 +20,7 @@ from scoreaction.models.pipeline import save_lora, save_merged
 class ExportConfig(Options):
     checkpoint: str | None = option(None, help="a fine-tuned diffusers run (or one of its checkpoints); required")
     out: str | None = option(None, help="a new folder to write; required")
+    overwrite: bool = option(False, help="replace an existing folder that export wrote (a LoRA or a pipeline)")
     merged: bool = option(False, help="write the whole pipeline with the fine-tuned weights merged into the denoiser "
                                       "(default: the LoRA alone, in diffusers' format)")
 
@@ -28,22 +28,26 @@ class ExportConfig(Options):
         for name in ("checkpoint", "out"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
-        if os.path.exists(self.out):
-            raise ValueError(f"out {self.out!r} already exists; export writes a new folder")
+        check_flag("overwrite", self.overwrite)
+        check_output(self.out, EXPORTED_PIPELINE, overwrite=self.overwrite, inputs=(self.checkpoint,))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from scoreaction.train import Trainer
 
     set_threads(args)
-    cfg = ExportConfig.from_dict(assemble(args), "for export")
-    trainer = Trainer.from_checkpoint(cfg.checkpoint, {"device": "cpu", "tensorboard": False}, progress=False)
+    values = assemble(args)
+    overrides = checkpoint_overrides(section(values, "task"), "export")
+    cfg = ExportConfig.from_dict({k: v for k, v in values.items() if k != "task"}, "for export")
+    trainer = Trainer.from_checkpoint(cfg.checkpoint, {"device": "cpu", "tensorboard": False, **overrides},
+                                      progress=False)
     task = trainer.task
     if task.name != "diffusers":
         raise ValueError(f"export writes diffusers weights: the run's task must be 'diffusers', found {task.name!r}")
+    check_output(cfg.out, EXPORTED_PIPELINE, overwrite=cfg.overwrite, inputs=(cfg.checkpoint, task.config.model))
     if not cfg.merged and task.config.lora_rank == 0:
         raise ValueError("the run fine-tuned every weight (lora_rank 0): there is no LoRA to export; use --merged")
-    with atomic_folder(cfg.out) as tmp:
+    with atomic_folder(cfg.out, replace=cfg.overwrite) as tmp:
         if cfg.merged:
             save_merged(task.pipe, task.denoiser, tmp)
         else:

@@ -24,11 +24,12 @@ import ipaddress
 import json
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 
-from scoreaction.cli.options import add_config_args, add_options, assemble, flag_dest
+from scoreaction.cli.options import add_config_args, add_options, assemble, checkpoint_overrides, flag_dest
 from scoreaction.config import (
     Options,
     check_choice,
@@ -37,14 +38,16 @@ from scoreaction.config import (
     check_nonnegative_int,
     check_positive_int,
     check_range,
+    check_samples,
+    check_seed,
     check_text,
     option,
     require,
 )
 from scoreaction.errors import ConfigError, OutputError, ScoreactionError
-from scoreaction.feedback.server import listen, url_of
-from scoreaction.feedback.store import PreferenceStore
-from scoreaction.io import check_output_file
+from scoreaction.feedback.server import Limits, listen, make_server, url_of
+from scoreaction.feedback.store import MIN_RESPONSE_MS, PreferenceStore
+from scoreaction.io import STORE, STORE_EXPORT, Output, check_output
 
 DEFAULT_PORT = 8765
 STRATEGIES = ("random", "disagreement")
@@ -122,8 +125,9 @@ class AddItemsOptions(NewStoreOptions):
         check_flag("pretrained", self.pretrained)
         require("--n", self.n)
         check_positive_int("n", self.n)
+        check_samples("n", self.n, ())
         check_positive_int("steps", self.steps)
-        check_nonnegative_int("seed", self.seed)
+        check_seed("seed", self.seed)
         if bool(self.checkpoint) == bool(self.task):
             raise ConfigError("give either --checkpoint DIR or --task NAME --pretrained")
         if self.task and not self.pretrained:
@@ -148,7 +152,7 @@ class PairOptions(StoreOptions):
         check_choice("strategy", self.strategy, STRATEGIES)
         check_text("reward_model", self.reward_model)
         check_text("task", self.task)
-        check_nonnegative_int("seed", self.seed)
+        check_seed("seed", self.seed)
         if self.strategy == "disagreement" and not self.reward_model:
             raise ConfigError("--strategy disagreement needs --reward-model DIR (a fitted reward ensemble)")
         if self.strategy != "disagreement" and self.reward_model:
@@ -182,17 +186,22 @@ class SimulateOptions(PairOptions):
 @dataclass
 class ExportOptions(StoreOptions):
     out: str | None = option(None, help="output .jsonl file; required")
+    overwrite: bool = option(False, help="replace an existing export of a store (JSON lines) at --out")
+    output: ClassVar[Output] = STORE_EXPORT
 
     def __post_init__(self):
         super().__post_init__()
         require("--out", self.out)
         check_text("out", self.out)
-        check_output_file(self.out, "--out")
+        check_flag("overwrite", self.overwrite)
+        check_output(self.out, self.output, overwrite=self.overwrite, inputs=(self.store,))
 
 
 @dataclass
 class BackupOptions(ExportOptions):
-    out: str | None = option(None, help="the copy, a new file (never overwritten); required")
+    out: str | None = option(None, help="the copy, a new file; required")
+    overwrite: bool = option(False, help="replace an existing preference store at --out (one not in use)")
+    output: ClassVar[Output] = STORE
 
 
 @dataclass
@@ -210,6 +219,12 @@ class ServeOptions(StoreOptions):
     host: str = option("127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     port: int = option(DEFAULT_PORT, help="port (0: any free port)")
     question: str = option("Which sample do you prefer?", help="the question shown above each pair")
+    min_response_ms: float = option(MIN_RESPONSE_MS, help="answers sooner than this after their pair was shown "
+                                                          "(or after the labeler's previous answer) are refused")
+    header_timeout: float = option(Limits.header_timeout, help="seconds a client has to send a request's headers")
+    body_timeout: float = option(Limits.body_timeout, help="seconds a client has to send a request's body")
+    max_connections: int = option(Limits.max_connections, help="connections open at once (one more closes the "
+                                                               "longest-idle one)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -218,6 +233,12 @@ class ServeOptions(StoreOptions):
         check_nonnegative_int("port", self.port)
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535, found {self.port}")
+        check_range("min_response_ms", self.min_response_ms, 0, 60_000)
+        check_range("header_timeout", self.header_timeout, 0.01, 86_400)
+        check_range("body_timeout", self.body_timeout, 0.01, 86_400)
+        check_positive_int("max_connections", self.max_connections)
+        if self.max_connections > 100_000:
+            raise ConfigError(f"max_connections must be at most 100000, found {self.max_connections}")
 
 
 def read_options(args: argparse.Namespace, cls):
@@ -247,15 +268,17 @@ def cmd_add_labeler(args: argparse.Namespace) -> int:
 
 
 # --- items -----------------------------------------------------------------------------------------
-def sample_items(opts: AddItemsOptions) -> tuple[torch.Tensor, torch.Tensor | None, str, str]:
-    """(samples (n, *shape), class labels or None, task name, model label)."""
+def sample_items(opts: AddItemsOptions,
+                 overrides: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None, str, str]:
+    """(samples (n, *shape), class labels or None, task name, model label); `overrides` of the checkpoint's run
+    (cli.options.checkpoint_overrides)."""
     from scoreaction.evaluation import sample_with
 
     if opts.checkpoint:
         from scoreaction.train.checkpoint import resolve
         from scoreaction.train.loop import Trainer
 
-        trainer = Trainer.from_checkpoint(opts.checkpoint, progress=False)
+        trainer = Trainer.from_checkpoint(opts.checkpoint, overrides, progress=False)
         policy, task, dtype = trainer.policy, trainer.task, trainer.dtype
         model = opts.model or f"checkpoint:{resolve(opts.checkpoint)}"
         pretrained = False
@@ -265,6 +288,7 @@ def sample_items(opts: AddItemsOptions) -> tuple[torch.Tensor, torch.Tensor | No
         policy, task, dtype = None, make_task(opts.task), torch.float32
         model = opts.model or f"pretrained:{task.name}"
         pretrained = True
+    check_samples("n", opts.n, task.shape, torch.finfo(dtype).bits // 8, copies=3)
     x, _ = sample_with(policy, task, opts.solver, opts.steps, opts.n, opts.seed, pretrained=pretrained, dtype=dtype)
     # the conditions sample_with drew: the first draw of the same generator (None for unconditional tasks)
     cond = task.sample_conditions(opts.n, generator=torch.Generator().manual_seed(opts.seed))
@@ -272,9 +296,12 @@ def sample_items(opts: AddItemsOptions) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def cmd_add_items(args: argparse.Namespace) -> int:
-    opts = read_options(args, AddItemsOptions)
+    values = assemble(args)
+    task = values.pop("task") if isinstance(values.get("task"), dict) else {}  # --set task.reward=SPEC
+    overrides = checkpoint_overrides(task, "feedback add-items --checkpoint")
+    opts = AddItemsOptions.from_dict(values, f"for feedback {args.feedback_command}")
     with opts.open() as store:
-        x, cond, task_name, model = sample_items(opts)
+        x, cond, task_name, model = sample_items(opts, overrides)
         conditions = None if cond is None else [int(c) for c in cond]
         ids = store.add_items(x, task=task_name, conditions=conditions, model=model)
     print(f"added {len(set(ids))} items of task {task_name!r} from {model} (ids {min(ids)}..{max(ids)}) "
@@ -373,10 +400,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     opts = read_options(args, SimulateOptions)
     with opts.open() as store:
         task, rows = simulated_answers(store, opts)
-        store.add_comparisons(rows)
-    counts = {c: sum(row["choice"] == c for row in rows) for c in ("left", "right", "tie")}
-    print(f"{opts.labeler}: {len(rows)} answers on task {task!r} ({opts.strategy} pairs) "
-          f"left {counts['left']}, right {counts['right']}, tie {counts['tie']}")
+        # pairs this labeler answered meanwhile (another process) are left out, in the same write transaction
+        ids = store.add_comparisons(rows, skip_answered=True)
+    added = [row for row, i in zip(rows, ids) if i is not None]
+    counts = {c: sum(row["choice"] == c for row in added) for c in ("left", "right", "tie")}
+    skipped = len(rows) - len(added)
+    print(f"{opts.labeler}: {len(added)} answers on task {task!r} ({opts.strategy} pairs) "
+          f"left {counts['left']}, right {counts['right']}, tie {counts['tie']}"
+          + (f"; {skipped} pairs skipped (answered meanwhile by another process)" if skipped else ""))
     return 0
 
 
@@ -421,7 +452,7 @@ def print_stats(stats: dict) -> None:
 def cmd_backup(args: argparse.Namespace) -> int:
     opts = read_options(args, BackupOptions)
     with opts.open() as store:
-        counts = store.backup(opts.out)
+        counts = store.backup(opts.out, overwrite=opts.overwrite)
     print(f"copied {store.path} to {opts.out} (integrity ok): {counts['items']} items, {counts['comparisons']} "
           f"comparisons, {counts['queue']} queued pairs, {counts['labelers']} labelers")
     return 0
@@ -445,13 +476,13 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from scoreaction.feedback.app import create_app
 
     opts = read_options(args, ServeOptions)
+    limits = Limits(header_timeout=opts.header_timeout, body_timeout=opts.body_timeout,
+                    max_connections=opts.max_connections)
     with opts.open() as store:  # closed when the server stops: the answers are in the file, not only its WAL
-        app = create_app(store, question=opts.question)
+        app = create_app(store, question=opts.question, min_response_ms=opts.min_response_ms)
         sock = listen(opts.host, opts.port)
         if not is_loopback(opts.host):
             sys.stderr.write("scoreaction: warning: serving beyond this machine over plain HTTP; tokens travel in "
@@ -460,8 +491,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"labeling app for {store.path} at {url}  (labelers open {url}?token=THEIR_TOKEN; Ctrl-C stops)",
               flush=True)
         try:
-            # no access log: it would show the page's ?token=... to anyone reading the log
-            uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+            make_server(app, limits).run(sockets=[sock])  # no access log: it would show the page's ?token=...
         finally:
             sock.close()
     return 0

@@ -17,6 +17,7 @@ import types
 import typing
 
 from scoreaction.config import apply_overrides, load_yaml, merge
+from scoreaction.errors import ConfigError
 
 SCALARS = (int, float, str)
 
@@ -98,3 +99,15 @@ def section(config: dict, name: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"config section {name!r} must be a mapping, found {type(value).__name__}")
     return dict(value)
+
+
+def checkpoint_overrides(task_options: dict, command: str) -> dict:
+    """The task options of a command that reads a checkpoint (`command`, e.g. "sample --checkpoint"): only
+    `task.reward`, naming again a `package.module:function` reward the run used so that its code may run (a
+    checkpoint alone never imports code: rewards.images.imports_only). Returns {"task": {"reward": SPEC}} or {};
+    any other task option is a ConfigError."""
+    extra = sorted(set(task_options) - {"reward"}, key=str)
+    if extra:
+        raise ConfigError(f"{command} uses the run's own task; leave out --task and task.* options (task.reward may "
+                          f"name again a reward of code the run used), found task.{extra[0]}")
+    return {"task": {"reward": task_options["reward"]}} if "reward" in task_options else {}

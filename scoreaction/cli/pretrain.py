@@ -2,7 +2,7 @@
 
 Writes a checkpoint folder (config.json + safetensors) that the task loads with
 `--set task.checkpoint=DIR`. The shipped model (scoreaction/assets/digits) is this command with its
-defaults: `scoreaction pretrain --task digits --out scoreaction/assets/digits`.
+defaults: `scoreaction pretrain --task digits --out scoreaction/assets/digits --overwrite`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from scoreaction.cli.common import add_run_switches, check_folder_path
+from scoreaction.cli.common import add_run_switches
 from scoreaction.cli.options import add_config_args, add_options, assemble
-from scoreaction.config import Options, check_choice, check_nonnegative_int, check_positive_int, option
+from scoreaction.config import Options, check_choice, check_flag, check_positive_int, check_seed, option
+from scoreaction.io import DIGITS_MODEL, check_output
 from scoreaction.models.classifier import ClassifierTrainConfig
 from scoreaction.tasks import digits
 
@@ -31,20 +32,23 @@ class PretrainConfig(Options):
     classifier_epochs: int = option(ClassifierTrainConfig.epochs, help="classifier training epochs (the default is "
                                                                        "the shipped classifier's)")
     evaluate: bool = option(True, help="sample metrics at the end (--no-evaluate skips them)")
+    overwrite: bool = option(False, help="replace an existing pretrained digits model folder at --out")
 
     def __post_init__(self):
         check_choice("task", self.task, PRETRAINERS)
         for name in ("steps", "threads", "classifier_epochs"):
             check_positive_int(name, getattr(self, name))
-        check_nonnegative_int("seed", self.seed)
+        check_seed("seed", self.seed)
+        check_flag("overwrite", self.overwrite)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = PretrainConfig.from_dict(assemble(args), "for pretrain")
-    check_folder_path(cfg.out)
+    check_output(cfg.out, DIGITS_MODEL, overwrite=cfg.overwrite)
     torch.set_num_threads(cfg.threads)
     log = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
     manifest = PRETRAINERS[cfg.task](cfg.out, steps=cfg.steps, seed=cfg.seed, evaluate=cfg.evaluate, log=log,
+                                     overwrite=cfg.overwrite,
                                      classifier_config=ClassifierTrainConfig(epochs=cfg.classifier_epochs))
     print(f"wrote {cfg.out} ({manifest['seconds']:.0f} s; use it with --set task.checkpoint={cfg.out})")
     return 0

@@ -11,13 +11,15 @@ HUMAN_PAIRS = 200  # about ten minutes of a person's clicking
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from scoreaction.experiments.quickstart import QuickstartConfig, run
+    from scoreaction.experiments.quickstart import OUTPUT, QuickstartConfig, run
+    from scoreaction.io import check_output
 
     set_threads(args)
     values = assemble(args)
     if values.get("human") and "pairs" not in values:
         values["pairs"] = HUMAN_PAIRS
     config = QuickstartConfig.from_dict(values, "for quickstart")
+    check_output(config.out, OUTPUT, overwrite=True)  # a rerun replaces its own folder, never another one
     run(config, log=(lambda _: None) if args.quiet else (lambda line: print(line, flush=True)), progress=not args.quiet)
     print(f"open {config.out}/report.html")
     return 0

@@ -30,12 +30,13 @@ from scoreaction.config import (
     check_flag,
     check_nonnegative_int,
     check_positive_int,
+    check_seed,
     check_text,
     option,
     require,
 )
 from scoreaction.errors import ConfigError
-from scoreaction.io import check_output_file, check_output_folder
+from scoreaction.io import COMPARISONS, REWARD_MODEL, check_output, check_output_folder
 from scoreaction.rewards.preference import ARCH_DEFAULTS, ARCHITECTURES, FitConfig
 
 SIMULATED_TASKS = ("gaussian", "mixture", "digits")
@@ -78,6 +79,7 @@ class SourceOptions(Options):
 @dataclass
 class FitOptions(SourceOptions):
     out: str | None = option(None, help="reward-model folder to write; required")
+    overwrite: bool = option(False, help="replace an existing reward-model folder at --out (only one of those)")
     arch: str = option(FitConfig.architecture, help="network: auto (cnn for images, else mlp), mlp or cnn")
     ensemble: int = option(FitConfig.ensemble, help="ensemble members K")
     epochs: int = option(FitConfig.epochs, help="passes over the training pairs")
@@ -99,9 +101,10 @@ class FitOptions(SourceOptions):
         super().__post_init__()
         require("--out", self.out)
         check_text("out", self.out)
-        check_output_folder(self.out, "--out")
+        check_flag("overwrite", self.overwrite)
+        check_output(self.out, REWARD_MODEL, overwrite=self.overwrite, inputs=(self.store, self.comparisons))
         check_choice("arch", self.arch, ("auto", *ARCHITECTURES))
-        check_nonnegative_int("seed", self.seed)
+        check_seed("seed", self.seed)
         check_flag("bootstrap", self.bootstrap)
         self.fit_config()  # FitConfig validates the model options
 
@@ -126,6 +129,7 @@ class EvaluateOptions(SourceOptions):
 class SimulateOptions(Options):
     task: str | None = option(None, help="what the items are: " + ", ".join(SIMULATED_TASKS) + "; required")
     out: str | None = option(None, help="comparisons file to write (.safetensors); required")
+    overwrite: bool = option(False, help="replace an existing comparisons file at --out (only one of those)")
     n: int = option(500, help="number of comparisons")
     items: int = option(1000, help="candidate items (digits: at most 1797)")
     utility: str | None = option(None, help="hidden utility (default: the task's; see scoreaction.rewards.utilities)")
@@ -139,12 +143,13 @@ class SimulateOptions(Options):
         check_choice("task", self.task, SIMULATED_TASKS)
         require("--out", self.out)
         check_text("out", self.out)
-        check_output_file(self.out, "--out")
+        check_flag("overwrite", self.overwrite)
+        check_output(self.out, COMPARISONS, overwrite=self.overwrite)
         check_positive_int("n", self.n)
         if not (isinstance(self.items, int) and not isinstance(self.items, bool) and self.items >= 2):
             raise ConfigError(f"items must be an integer >= 2, found {self.items!r}")
         check_labeler(self)
-        check_nonnegative_int("seed", self.seed)
+        check_seed("seed", self.seed)
 
 
 @dataclass
@@ -192,7 +197,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     source = {"store": opts.store} if opts.store else {"comparisons": opts.comparisons}
     meta = {"scoreaction": __version__, "source": source, "task": opts.task, "labeler": opts.labeler,
             "fit_seconds": time.perf_counter() - t0, **result.summary()}
-    folder = result.model.save(opts.out, metadata=meta)
+    folder = result.model.save(opts.out, metadata=meta, overwrite=opts.overwrite)
     if args.json:
         print(json.dumps({"model": str(folder), **meta}, indent=2, default=float))
         return 0

@@ -11,17 +11,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from scoreaction.cli.common import add_run_switches, check_new_file, fmt_vec, save_npz, set_threads
-from scoreaction.cli.options import add_config_args, add_options, assemble, section
+from scoreaction.cli.common import add_run_switches, fmt_vec, save_npz, set_threads
+from scoreaction.cli.options import add_config_args, add_options, assemble, checkpoint_overrides, section
 from scoreaction.config import (
     Options,
     check_choice,
+    check_flag,
     check_nonnegative,
     check_nonnegative_int,
     check_positive_int,
+    check_samples,
+    check_seed,
     option,
 )
-from scoreaction.io import image_grid, save_png
+from scoreaction.io import SAMPLES, check_output, image_grid, save_png
 from scoreaction.metrics import fit_gaussian, gaussian_kl, mean_and_se
 from scoreaction.samplers import GRIDS, SOLVERS, get_solver
 from scoreaction.tasks import TASKS, make_task, task_config
@@ -38,26 +41,32 @@ class SampleConfig(Options):
     policy: str | None = option(None, help="pretrained, optimal (the exact optimum of Eq. E8) or finetuned "
                                            "(default: finetuned with --checkpoint, else pretrained)")
     solver: str = option("em", help="solver: " + ", ".join(SOLVERS))
-    steps: int = option(100, help="solver steps")
+    steps: int | None = option(None, help="solver steps (default: the task's, Task.sample_steps: 100; digits 50, "
+                                          "diffusers 20)")
     grid: str = option("uniform", help="time grid: " + ", ".join(GRIDS) + ", or scheduler (a diffusers pipeline's "
                                        "own timesteps)")
     prompt: str | None = option(None, help="text-to-image tasks: sample this prompt (default: the task's prompts)")
     eta: float | None = option(None, help="stochasticity of Eq. E3 (default: the solver's own; em 1, others 0)")
-    n: int = option(10_000, help="number of samples")
+    n: int | None = option(None, help="number of samples (default: the task's, Task.sample_n: 10000 for gaussian "
+                                      "and mixture, 1000 for digits, 8 images for diffusers)")
     seed: int = option(0, help="random seed")
     dtype: str | None = option(None, help="float32 or float64 (default: the run's; without a checkpoint float64 "
                                           "for exact tasks, else float32)")
     device: str = option("auto", help="auto, cpu, cuda, cuda:N or mps")
     out: str = option("samples.npz", help="output .npz (image tasks also write a PNG grid beside it), or .png "
                                          "(image tasks: the grid only)")
+    overwrite: bool = option(False, help="replace existing samples files (an .npz of sample, or a PNG) of that name")
 
     def __post_init__(self):
         get_solver(self.solver)
-        check_nonnegative_int("seed", self.seed)
+        check_seed("seed", self.seed)
         check_choice("grid", self.grid, (*GRIDS, "scheduler"))
         check_device(self.device)
-        check_positive_int("steps", self.steps)
-        check_positive_int("n", self.n)
+        if self.steps is not None:
+            check_positive_int("steps", self.steps)
+        if self.n is not None:
+            check_positive_int("n", self.n)
+            check_samples("n", self.n, ())
         if self.eta is not None:
             check_nonnegative("eta", self.eta)
         if self.policy is None:
@@ -71,6 +80,7 @@ class SampleConfig(Options):
             raise ValueError(f"out must be a .npz or .png file name, found {self.out!r}")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("prompt must be a non-empty text")
+        check_flag("overwrite", self.overwrite)
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -87,9 +97,8 @@ def load_sampler(cfg: SampleConfig, task_options: dict):
     if cfg.checkpoint:
         from scoreaction.train import Trainer
 
-        if task_options:
-            raise ValueError("--checkpoint samples the run's own task; leave out --task and task.* options")
-        trainer = Trainer.from_checkpoint(cfg.checkpoint, {"device": cfg.device}, progress=False)
+        overrides = checkpoint_overrides(task_options, "sample --checkpoint")
+        trainer = Trainer.from_checkpoint(cfg.checkpoint, {"device": cfg.device, **overrides}, progress=False)
         task, dtype = trainer.task, DTYPES[cfg.dtype] if cfg.dtype else trainer.dtype
         cast_floating(trainer.policy, dtype)
         what = f"{cfg.checkpoint} (step {trainer.step})"
@@ -113,8 +122,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.task is not None:
         task_options["name"] = args.task
     cfg = SampleConfig.from_dict({k: v for k, v in config.items() if k != "task"}, "for sample")
-    check_new_file(cfg.out)
+    check_output(cfg.out, SAMPLES, overwrite=cfg.overwrite, inputs=(cfg.checkpoint,))
     task, score, dtype, what = load_sampler(cfg, task_options)
+    if cfg.out.endswith(".npz") and len(task.shape) == 3:  # image tasks also write the PNG grid beside it
+        check_output(Path(cfg.out).with_suffix(".png"), SAMPLES, overwrite=cfg.overwrite, what="the PNG beside --out")
+    cfg.n, cfg.steps = cfg.n or task.sample_n, cfg.steps or task.sample_steps  # the task's defaults
+    check_samples("n", cfg.n, task.shape, torch.finfo(dtype).bits // 8)
     solver = get_solver(cfg.solver)
     eta = solver.default_eta if cfg.eta is None else float(cfg.eta)
     if cfg.out.endswith(".png") and len(task.shape) != 3:
@@ -129,7 +142,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = getattr(task, "device", torch.device("cpu"))
     x, cond = x.to(device), None if cond is None else cond.to(device)
     ts = task.grid(cfg.grid, cfg.steps, generator=gen)
-    with tqdm(total=cfg.steps, desc=f"{cfg.solver} x {cfg.steps}", disable=args.quiet, leave=False) as bar:
+    with tqdm(total=cfg.steps, desc=f"{cfg.n} samples, {cfg.solver} x {cfg.steps} steps", unit="step",
+              disable=args.quiet, leave=False) as bar:
         with torch.no_grad():
             x_T = solver.sample(task.path, score, x, ts, cond=cond, eta=eta, generator=gen,
                                 callback=lambda _: bar.update())

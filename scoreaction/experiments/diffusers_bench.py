@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from scoreaction.config import Options, check_choice, check_nonnegative, check_positive, check_positive_int, option
+from scoreaction.config import (
+    Options,
+    check_choice,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+    check_seed,
+    option,
+)
 from scoreaction.experiments.diffusers_jobs import MATCHED, TRL, Cell
 from scoreaction.io import atomic_write_bytes
 
@@ -99,6 +107,7 @@ class DiffusersBenchConfig(Options):
                                  f"train_batch_size is B / minibatches), found {b}")
         check_positive("beta_kl", self.beta_kl)
         check_positive("guidance_scale", self.guidance_scale)
+        check_seed("seed", self.seed)
         check_nonnegative("eta", self.eta)
         check_positive("lr", self.lr)
         check_positive("timeout", self.timeout)

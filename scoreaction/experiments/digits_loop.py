@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-from scoreaction.config import Options, check_choice, check_nonnegative, check_positive, check_positive_int, option
+from scoreaction.config import (
+    Options,
+    check_choice,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+    check_seed,
+    option,
+)
 from scoreaction.feedback.labelers import SimulatedLabeler
 from scoreaction.feedback.selection import select_pairs
 from scoreaction.feedback.store import PreferenceStore
@@ -65,6 +73,7 @@ class DigitsLoopConfig(Options):
             check_positive_int(name, getattr(self, name))
         check_positive("beta_kl", self.beta_kl)
         check_nonnegative("temperature", self.temperature)
+        check_seed("seed", self.seed)
         if self.items < 2 * NUM_CLASSES:
             raise ValueError(f"items must be at least {2 * NUM_CLASSES} (two per class), found {self.items}")
         counts = torch.bincount(balanced_classes(self.items), minlength=NUM_CLASSES)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scoreaction.config import Options, option
+from scoreaction.config import Options, check_seed, option
 from scoreaction.train.loop import EVAL_SEED_OFFSET
 
 SECTIONS = ("optimality", "robustness", "cost")
@@ -115,8 +115,7 @@ class BenchConfig(Options):
         self.cost_dims, self.cost_steps = tuple(self.cost_dims), tuple(self.cost_steps)
         if ROBUSTNESS_BASE not in self.robust_solvers:
             raise ValueError(f"robust_solvers must include {ROBUSTNESS_BASE}, found {list(self.robust_solvers)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, found {self.seed!r}")
+        check_seed("seed", self.seed)
 
     @classmethod
     def quick_config(cls, out: str, seed: int = 0, sections: tuple = SECTIONS,

@@ -55,7 +55,7 @@ from scoreaction.experiments.digits_loop import (
     learn_reward,
 )
 from scoreaction.feedback.store import PreferenceStore
-from scoreaction.io import atomic_write_bytes
+from scoreaction.io import LOCK, STALE, Output, atomic_write_bytes, claim_folder
 from scoreaction.rewards.utilities import make_utility
 from scoreaction.samplers import SOLVERS as SOLVER_NAMES
 from scoreaction.tasks.digits import DigitsTask
@@ -64,6 +64,18 @@ from scoreaction.train import Trainer
 FORMAT = "scoreaction-quickstart-3"
 HUMAN = "you"
 MIN_HUMAN_ANSWERS = 20
+# what a quickstart folder holds (and nothing else): a rerun replaces such a folder, never another one
+WRITES = ("store.sqlite", "store.sqlite-wal", "store.sqlite-shm", "reward", "train", "results.json", "report.html")
+
+
+def is_quickstart_folder(folder: Path) -> bool:
+    """A folder a quickstart wrote, whole or cut short: its store, and only names that it writes."""
+    names = [e.name for e in folder.iterdir() if e.name != LOCK and not STALE.match(e.name)]
+    return "store.sqlite" in names and all(n in WRITES or (n.endswith(".png") and (folder / n).is_file())
+                                           for n in names)
+
+
+OUTPUT = Output("quickstart folder (store.sqlite, reward/, train/, report.html)", True, is_quickstart_folder)
 # (solver, steps) of the evaluation; the training sampler (em, `steps`) is added in front
 SOLVERS = (("em", 10), ("em", 50), ("ddim", 10), ("ddim", 50), ("heun", 10), ("dpm2", 20))
 
@@ -214,11 +226,16 @@ class EvaluationSamples:
 
 
 def run(config: QuickstartConfig, log: Callable[[str], None] = print, progress: bool = True) -> QuickstartResults:
-    """Run every stage; returns the results (also written to OUT/results.json) and writes OUT/report.html."""
+    """Run every stage; returns the results (also written to OUT/results.json) and writes OUT/report.html.
+    OUT is new, or a quickstart folder of an earlier run, which is replaced (moved aside, then deleted; never
+    a folder of anything else); it is locked while the run writes it."""
+    with claim_folder(config.out, OUTPUT, fresh=True, overwrite=True, what="quickstart folder"):
+        return _run(config, Path(config.out), log, progress)
+
+
+def _run(config: QuickstartConfig, out: Path, log: Callable[[str], None], progress: bool) -> QuickstartResults:
     from scoreaction.experiments.report import write_report
 
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     utility = make_utility(TASK, config.utility)
     ask = (lambda store: collect_human(store, config, log)) if config.human else None

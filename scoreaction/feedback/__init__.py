@@ -5,6 +5,7 @@
     records.py    what the store holds, checked: arrays as .npy bytes, names, answers
     store_io.py   JSONL export/import and the torch dataset of a store
     app.py        the labeling web app (FastAPI): `create_app(store)`; `scoreaction feedback serve`
+    server.py     its listening socket and uvicorn server, with the connection limits of connections.py
     render.py     items drawn as PNG pictures for the app (Pillow)
     labelers.py   simulated Bradley-Terry labelers with a hidden utility
     selection.py  which pairs to ask about (random, disagreement of a reward ensemble)
@@ -12,6 +13,14 @@
 Only the store is imported here: the web app needs FastAPI and nothing else should import it.
 """
 
-from scoreaction.feedback.store import CHOICES, AlreadyAnswered, PreferenceStore, StoreError, UnknownItem
+from scoreaction.feedback.store import (
+    CHOICES,
+    AlreadyAnswered,
+    NotServed,
+    PreferenceStore,
+    StoreError,
+    TooFast,
+    UnknownItem,
+)
 
-__all__ = ["CHOICES", "AlreadyAnswered", "PreferenceStore", "StoreError", "UnknownItem"]
+__all__ = ["CHOICES", "AlreadyAnswered", "NotServed", "PreferenceStore", "StoreError", "TooFast", "UnknownItem"]

@@ -12,15 +12,26 @@ Every /api route needs `Authorization: Bearer <token>` (a token from `scoreactio
 add-labeler`; only its hash is stored) and answers 401 without a valid one. The page reads the token
 once from `?token=...`, keeps it in sessionStorage and removes it from the address bar. Errors are
 JSON {"error": message}: 400 malformed JSON (or not a JSON object, or not sent as application/json),
-401 token, 404 unknown route or item, 409 pair already answered, 413 body over `max_body` bytes
-(64 KiB), 422 wrong fields or values, 503 the store cannot be read. FastAPI reads the body before
-it checks the token, so a body over the limit (413) or one that is not JSON (400) is refused first.
+401 token, 404 unknown route or item, 409 pair already answered or not awaiting this labeler's answer,
+413 body over `max_body` bytes (64 KiB), 422 wrong fields or values, 429 answered too fast (with
+Retry-After), 503 the store cannot be read. FastAPI reads the body before it checks the token, so a
+body over the limit (413) or one that is not JSON (400) is refused first.
+
+The app answers only what it asked: GET /api/next records the pair it shows as served to that labeler
+(store.serve), and POST /api/answer is accepted only for a pair served to that labeler and not yet
+answered by them; anything else is a 409 and nothing is stored. The time to answer is measured by the
+server, from when the pair was served (the page's own `response_ms` is not trusted and not stored). An
+answer sooner than `min_response_ms` (200 ms: quicker than a person can look at two samples) after the
+pair was served, or after that labeler's previous answer, is refused with a 429, as crowd-labeling
+platforms reject "speeders": the pair stays served, so the labeler answers it again after a look, and
+one token cannot answer faster than one pair per `min_response_ms`. POST /api/undo serves its pair again.
 No request reaches the file system: items are addressed by integer id and read from the store, static
 files are read into memory when the app is built.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from importlib import resources
@@ -36,7 +47,16 @@ from starlette.exceptions import HTTPException
 
 from scoreaction.config import shown
 from scoreaction.feedback.render import Renderer
-from scoreaction.feedback.store import CHOICES, AlreadyAnswered, PreferenceStore, StoreError, UnknownItem
+from scoreaction.feedback.store import (
+    CHOICES,
+    MIN_RESPONSE_MS,
+    AlreadyAnswered,
+    NotServed,
+    PreferenceStore,
+    StoreError,
+    TooFast,
+    UnknownItem,
+)
 
 MAX_BODY = 64 * 1024
 QUESTION = "Which sample do you prefer?"
@@ -64,15 +84,15 @@ class Answer(BaseModel):
     right: int = Field(description="an item id (integer)")
     choice: Literal[CHOICES] = Field(description=f"one of {list(CHOICES)}")
     response_ms: Annotated[float, Field(ge=0, lt=1e9, allow_inf_nan=False)] | None = Field(
-        None, description="a number of milliseconds >= 0 (or null)")
+        None, description="a number of milliseconds >= 0 (or null)")  # the page's measure; the server keeps its own
 
 
 class Labeling:
     """What the routes share (app.state.labeling): the store, its renderer, the question, the page's
-    files and the randomness of pairs."""
+    files, the randomness of pairs and the quickest answer accepted."""
 
-    def __init__(self, store: PreferenceStore, question: str, seed: int | None):
-        self.store, self.question = store, question
+    def __init__(self, store: PreferenceStore, question: str, seed: int | None, min_response_ms: float):
+        self.store, self.question, self.min_response_ms = store, question, min_response_ms
         self.renderer = Renderer(store)
         self.static = load_static()
         self._rng, self._rng_lock = random.Random(seed), threading.Lock()
@@ -156,25 +176,30 @@ def next_pair(who: Labeler, state: State) -> dict:
     if pair is None:
         return {"done": True, "progress": progress, "question": state.question}
     left, right = pair if rng.random() < 0.5 else pair[::-1]  # no side is favoured
+    state.store.serve(who, left, right)
     return {"done": False, **state.pair(left, right), "progress": progress, "question": state.question}
 
 
 @api.post("/answer")
 def answer(body: Answer, who: Labeler, state: State) -> dict:
     try:
-        cid = state.store.add_comparison(body.left, body.right, body.choice, who, body.response_ms, once=True)
-    except AlreadyAnswered as err:
+        cid, response_ms = state.store.answer_served(body.left, body.right, body.choice, who,
+                                                     min_response_ms=state.min_response_ms)
+    except (AlreadyAnswered, NotServed) as err:
         raise HTTPException(409, str(err)) from None
+    except TooFast as err:
+        retry_after = str(max(1, math.ceil(err.wait_ms / 1000)))
+        raise HTTPException(429, str(err), headers={"Retry-After": retry_after}) from None
     except StoreError:
         raise
     except ValueError as err:  # unknown item, a pair across tasks, an id beyond 64 bits
         raise HTTPException(422, str(err)) from None
-    return {"id": cid, "progress": state.store.progress(who)}
+    return {"id": cid, "response_ms": response_ms, "progress": state.store.progress(who)}
 
 
 @api.post("/undo")
 def undo(who: Labeler, state: State) -> dict:
-    removed = state.store.undo_last(who)
+    removed = state.store.undo_last(who, serve_again=True)
     payload = {"undone": None, "progress": state.store.progress(who)}
     if removed is not None:
         payload["undone"] = {k: removed[k] for k in ("left", "right", "choice")}
@@ -279,14 +304,15 @@ async def security_headers(request: Request, call_next) -> Response:
 
 
 def create_app(store: PreferenceStore | str, *, question: str = QUESTION, max_body: int = MAX_BODY,
-               seed: int | None = None) -> FastAPI:
+               seed: int | None = None, min_response_ms: float = MIN_RESPONSE_MS) -> FastAPI:
     """The labeling app over one preference store (a PreferenceStore or the path of an existing one).
-    `seed` fixes the random pairs and which item of a pair is shown on the left."""
+    `seed` fixes the random pairs and which item of a pair is shown on the left; an answer sooner than
+    `min_response_ms` after its pair was served (or after the labeler's previous answer) is refused."""
     store = store if isinstance(store, PreferenceStore) else PreferenceStore(store)
     app = FastAPI(title="scoreaction labeling", docs_url=None, redoc_url=None, openapi_url=None,
                   exception_handlers={HTTPException: http_error, RequestValidationError: invalid_request,
                                       StoreError: store_error})
-    app.state.store, app.state.labeling = store, Labeling(store, question, seed)
+    app.state.store, app.state.labeling = store, Labeling(store, question, seed, min_response_ms)
     app.include_router(pages, include_in_schema=False)
     app.include_router(api)
     app.add_middleware(BodyLimit, limit=max_body)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scoreaction.errors import OutputError, ScoreactionError
-from scoreaction.io import check_output_file, fsync_path
+from scoreaction.io import check_output_file, fsync_path, remove_stale
 
 FORMAT, VERSION = "scoreaction-preferences", 1
 BUSY_TIMEOUT_MS = 30_000
@@ -61,6 +61,19 @@ CREATE TABLE queue (
 CREATE TABLE labelers (name TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, created REAL NOT NULL);
 """
 
+# Tables added to version 1 after its first release. Older code ignores them, so the version stays 1; a
+# store that lacks one gets it when it is opened (one write transaction, the first time only).
+ADDED_TABLES = {
+    "served": """
+CREATE TABLE IF NOT EXISTS served (
+    labeler TEXT NOT NULL,
+    low INTEGER NOT NULL REFERENCES items(id),
+    high INTEGER NOT NULL REFERENCES items(id),
+    served REAL NOT NULL,
+    PRIMARY KEY (labeler, low, high)
+)""",
+}
+
 
 class StoreError(ScoreactionError):
     """The file is missing, corrupt, or not a preference store."""
@@ -100,6 +113,8 @@ class Database:
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         con.execute(statement)
+                for statement in ADDED_TABLES.values():
+                    con.execute(statement)
                 con.executemany("INSERT INTO meta VALUES (?, ?)",
                                 [("format", FORMAT), ("version", str(VERSION)), ("created", repr(time.time()))])
                 con.execute("COMMIT")
@@ -132,6 +147,17 @@ class Database:
             raise StoreError(f"{where} is an SQLite database but not a preference store (no {FORMAT!r} marker)")
         if meta.get("version") != str(VERSION):
             raise StoreError(f"{where} has format version {meta.get('version')!r}; this scoreaction reads {VERSION}")
+        self._add_missing_tables()
+
+    def _add_missing_tables(self) -> None:
+        """Create the tables of ADDED_TABLES that a store made by an earlier release lacks."""
+        with self.transaction() as con:
+            present = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        missing = [statement for name, statement in ADDED_TABLES.items() if name not in present]
+        if missing:
+            with self.transaction(write=True) as con:
+                for statement in missing:
+                    con.execute(statement)
 
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use (again after a fork or a close())."""
@@ -185,17 +211,24 @@ class Database:
             finally:
                 con.close()
 
-    def backup(self, dest: str | os.PathLike) -> dict:
+    def backup(self, dest: str | os.PathLike, *, overwrite: bool = False) -> dict:
         """Copy the store into the new file `dest` with SQLite's online backup API: a consistent copy of
         what was committed when the copy began, while other threads and processes go on writing. The
         copy is checked (`PRAGMA integrity_check`), built beside `dest` and linked into place, so `dest`
-        is whole or absent and an existing file is never overwritten. Returns the copy's row counts."""
+        is whole or absent and an existing file is never overwritten, unless `overwrite` (then the copy is
+        renamed over it; a store with a journal beside it, in use or not closed, is still refused). Returns
+        the copy's row counts."""
         dest = Path(dest)
-        taken = f"backup file {str(dest)!r} already exists; a backup never overwrites (choose a new name)"
-        if dest.exists() or dest.is_symlink():
+        taken = f"backup file {str(dest)!r} already exists; pass --overwrite to replace it (or choose a new name)"
+        if dest.is_symlink() or (dest.exists() and not overwrite):
             raise OutputError(taken)
+        journals = [Path(f"{dest}{suffix}") for suffix in ("-wal", "-journal") if Path(f"{dest}{suffix}").exists()]
+        if dest.exists() and journals:
+            raise OutputError(f"backup file {str(dest)!r} is in use or was not closed ({journals[0].name} beside it); "
+                              f"it is not replaced")
         check_output_file(dest, "backup file")
         dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(dest.parent, names=(dest.name,))
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         leftovers = [tmp] + [Path(f"{tmp}{suffix}") for suffix in ("-wal", "-shm", "-journal")]
         try:
@@ -216,19 +249,27 @@ class Database:
             if status != "ok":
                 raise StoreError(f"the backup of {str(self.path)!r} fails its integrity check: {status}")
             fsync_path(tmp)
-            try:
-                os.link(tmp, dest)
-            except FileExistsError:
-                raise OutputError(taken) from None
-            except OSError:  # a file system without hard links
-                if dest.exists():
-                    raise OutputError(taken) from None
+            if overwrite and dest.exists():
                 os.replace(tmp, dest)
+            else:
+                self._link_new(tmp, dest, taken)
             fsync_path(dest.parent)
         finally:
             for path in leftovers:
                 path.unlink(missing_ok=True)
         return counts
+
+    @staticmethod
+    def _link_new(tmp: Path, dest: Path, taken: str) -> None:
+        """Put `tmp` at the new name `dest`; an existing `dest` (made meanwhile) is refused, never replaced."""
+        try:
+            os.link(tmp, dest)
+        except FileExistsError:
+            raise OutputError(taken) from None
+        except OSError:  # a file system without hard links
+            if dest.exists():
+                raise OutputError(taken) from None
+            os.replace(tmp, dest)
 
     @contextmanager
     def transaction(self, write: bool = False):
@@ -251,11 +292,31 @@ class Database:
         except sqlite3.DatabaseError as err:
             _rollback(con)
             self._discard(con)
-            raise StoreError(f"preference store {str(self.path)!r} is unreadable or corrupt: {err}") from None
+            raise StoreError(f"preference store {str(self.path)!r} {_what_failed(err)}: {err}") from None
         except BaseException:
             if not _rollback(con):
                 self._discard(con)
             raise
+
+
+# SQLite's result codes that are the machine's doing, not a damaged file (sqlite3.Error.sqlite_errorname)
+MACHINE_ERRORS = {"SQLITE_FULL": "could not be written: the disk is full",
+                  "SQLITE_READONLY": "could not be written: it or its folder is read-only",
+                  "SQLITE_IOERR": "could not be read or written (an I/O error of the disk)",
+                  "SQLITE_CANTOPEN": "could not be opened (is its folder writable?)",
+                  "SQLITE_BUSY": "is locked by another process", "SQLITE_LOCKED": "is locked by another process",
+                  "SQLITE_NOMEM": "could not be read: out of memory", "SQLITE_PERM": "could not be opened: no permission"}
+
+
+def _what_failed(err: sqlite3.DatabaseError) -> str:
+    """What an SQLite error says of the store: the disk or the machine (MACHINE_ERRORS), else damage."""
+    name = getattr(err, "sqlite_errorname", "") or ""
+    for code, what in MACHINE_ERRORS.items():
+        if name == code or name.startswith(code + "_"):
+            return what
+    if "disk is full" in str(err):
+        return MACHINE_ERRORS["SQLITE_FULL"]
+    return "is unreadable or corrupt"
 
 
 def _rollback(con: sqlite3.Connection) -> bool:

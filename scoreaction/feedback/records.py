@@ -13,6 +13,7 @@ import uuid
 
 import numpy as np
 
+from scoreaction.config import check_timestamp
 from scoreaction.errors import ScoreactionError
 
 CHOICES = ("left", "right", "tie", "skip")
@@ -37,6 +38,23 @@ def npy_bytes(a: np.ndarray) -> bytes:
 
 
 def npy_load(data: bytes) -> np.ndarray:
+    """The array of .npy bytes, never unpickled. Its header is checked against the bytes first: a shape
+    whose data the bytes do not hold (e.g. 2^50 floats in a few bytes) is refused before anything is allocated."""
+    fmt, buf = np.lib.format, io.BytesIO(data)
+    try:
+        version = fmt.read_magic(buf)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"format version {version} (expected 1.0 or 2.0)")
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read_header(buf)
+    except (ValueError, TypeError, SyntaxError) as err:
+        raise ScoreactionError(f"a sample is not a valid .npy array ({str(err).splitlines()[0][:200]})") from None
+    if dtype.hasobject:
+        raise ScoreactionError("a sample's .npy array holds Python objects; expected numbers")
+    size = math.prod(shape) * dtype.itemsize
+    if size != len(data) - buf.tell():
+        raise ScoreactionError(f"a sample's .npy header describes shape {shape} of {dtype} ({size} bytes), but "
+                               f"{len(data) - buf.tell()} bytes follow it")
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
@@ -95,9 +113,8 @@ def check_comparison(row: dict) -> tuple:
                                    f"found {response_ms!r}")
         response_ms = float(response_ms)
     created = row.get("created")
-    if created is not None and (isinstance(created, bool) or not isinstance(created, (int, float))
-                                or not math.isfinite(created)):
-        raise ScoreactionError(f"created must be Unix time in seconds, found {created!r}")
+    if created is not None:
+        check_timestamp("created", created)
     uid = row.get("uid") or uuid.uuid4().hex
     return (uid, as_item_id(row.get("left")), as_item_id(row.get("right")), choice, check_name(row.get("labeler")),
             time.time() if created is None else float(created), response_ms)

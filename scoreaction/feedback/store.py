@@ -13,6 +13,10 @@ One file holds everything (WAL journal, so readers never block the writer):
         choice     'left', 'right', 'tie' or 'skip'; uid is random and makes imports idempotent
     queue(id, left, right)                  pairs the operator asked for, served in this order
     labelers(name, token_sha256, created)   only the SHA-256 of a labeler's token is kept
+    served(labeler, low, high, served)      pairs the app shows a labeler and awaits an answer to
+        low, high  the pair's item ids in increasing order; served is Unix time (first shown), at
+                   most MAX_SERVED per labeler. Made by `serve`, consumed by `answer_served`; added
+                   after version 1 was released (database.ADDED_TABLES): older stores get it on open
 
 Every write is one `BEGIN IMMEDIATE` transaction (with a busy timeout and synchronous = FULL), so
 threads and processes labelling at once never lose or interleave an answer, and a committed answer
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import secrets
@@ -43,8 +48,11 @@ from scoreaction.feedback import records, store_io
 from scoreaction.feedback.database import FORMAT, VERSION, Database, StoreError
 from scoreaction.feedback.records import CHOICES, check_comparison, check_condition, check_name, npy_load, token_hash
 
-__all__ = ["CHOICES", "FORMAT", "VERSION", "AlreadyAnswered", "PreferenceStore", "StoreError", "UnknownItem"]
+__all__ = ["CHOICES", "FORMAT", "VERSION", "AlreadyAnswered", "NotServed", "PreferenceStore", "StoreError", "TooFast",
+           "UnknownItem"]
 _item_id = records.as_item_id
+MAX_SERVED = 32  # pairs awaiting one labeler's answer at once (several tabs); the oldest is forgotten beyond
+MIN_RESPONSE_MS = 200.0  # the labeling app's default quickest answer: below a person's visual reaction time
 
 
 class UnknownItem(ScoreactionError):
@@ -53,6 +61,18 @@ class UnknownItem(ScoreactionError):
 
 class AlreadyAnswered(ScoreactionError):
     """This labeler has already answered this pair (raised only when asked to check: `once=True`)."""
+
+
+class NotServed(ScoreactionError):
+    """An answer to a pair that is not awaiting this labeler's answer (never shown to them, or forgotten)."""
+
+
+class TooFast(ScoreactionError):
+    """An answer sooner than the minimum response time; `wait_ms` is how much longer it takes to be accepted."""
+
+    def __init__(self, message: str, wait_ms: float):
+        super().__init__(message)
+        self.wait_ms = wait_ms
 
 
 class PreferenceStore:
@@ -72,10 +92,10 @@ class PreferenceStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def backup(self, dest: str | os.PathLike) -> dict:
+    def backup(self, dest: str | os.PathLike, *, overwrite: bool = False) -> dict:
         """A consistent copy of the store in the new file `dest`, made while others may write (SQLite's
-        online backup API), checked and never over an existing file; returns its row counts."""
-        return self._db.backup(dest)
+        online backup API), checked and never over an existing file unless `overwrite`; returns its row counts."""
+        return self._db.backup(dest, overwrite=overwrite)
 
     def close(self) -> None:
         """Close the connections this store opened in this process, folding the WAL back into the file
@@ -183,21 +203,28 @@ class PreferenceStore:
             raise ScoreactionError(f"items {left} and {right} belong to different tasks or conditions "
                                    f"and cannot be compared")
 
-    def add_comparisons(self, rows, *, once: bool = False) -> list[int]:
+    def add_comparisons(self, rows, *, once: bool = False, skip_answered: bool = False) -> list[int | None]:
         """Add answers in one transaction. Each row is a dict with left, right, choice, labeler and
         optionally response_ms, created (Unix seconds) and uid. With once=True a labeler may answer a
-        pair (in either order) only once: a second answer raises AlreadyAnswered and nothing is written."""
+        pair (in either order) only once: a second answer raises AlreadyAnswered and nothing is written.
+        With skip_answered=True such a row is left out instead (its id is None), the others are added. The
+        check and the insert are one write transaction, so two processes answering for one labeler at once
+        never answer a pair twice."""
         checked = [check_comparison(row) for row in rows]
         with self._tx(write=True) as con:
-            return self._insert_comparisons(con, checked, once)
+            return self._insert_comparisons(con, checked, once, skip_answered)
 
-    def _insert_comparisons(self, con, checked: list[tuple], once: bool = False) -> list[int]:
+    def _insert_comparisons(self, con, checked: list[tuple], once: bool = False,
+                            skip_answered: bool = False) -> list[int | None]:
         ids = []
         for uid, left, right, choice, labeler, created, response_ms in checked:
             self._check_pair(con, left, right)
-            if once and con.execute(
+            if (once or skip_answered) and con.execute(
                     "SELECT 1 FROM comparisons WHERE labeler = ? AND ((left = ? AND right = ?) OR "
                     "(left = ? AND right = ?))", (labeler, left, right, right, left)).fetchone():
+                if skip_answered:
+                    ids.append(None)
+                    continue
                 raise AlreadyAnswered(f"labeler {labeler!r} has already answered the pair ({left}, {right})")
             ids.append(con.execute("INSERT INTO comparisons (uid, left, right, choice, labeler, created, response_ms) "
                                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -210,15 +237,69 @@ class PreferenceStore:
         return self.add_comparisons([{"left": left, "right": right, "choice": choice, "labeler": labeler,
                                       "response_ms": response_ms}], once=once)[0]
 
-    def undo_last(self, labeler: str) -> dict | None:
-        """Delete this labeler's latest answer; returns it (a dict), or None if there was none."""
+    def undo_last(self, labeler: str, *, serve_again: bool = False) -> dict | None:
+        """Delete this labeler's latest answer; returns it (a dict), or None if there was none. With
+        serve_again=True its pair awaits this labeler's answer again, served from now (the app shows it)."""
         with self._tx(write=True) as con:
             row = con.execute(f"SELECT {self._COMPARISON_COLUMNS} FROM comparisons WHERE labeler = ? "
                               "ORDER BY id DESC LIMIT 1", (labeler,)).fetchone()
             if row is None:
                 return None
             con.execute("DELETE FROM comparisons WHERE id = ?", (row[0],))
+            if serve_again:
+                self._serve(con, labeler, row[2], row[3], time.time(), replace=True)
         return self._comparison_dict(row)
+
+    # --- what the app shows, and the answers it accepts ---------------------------------------------
+    def serve(self, labeler: str, left: int, right: int) -> None:
+        """Record that the app shows this pair (either order) to this labeler and awaits an answer. A
+        pair shown again (another tab, a reload) keeps the time it was first shown; beyond MAX_SERVED
+        pairs awaiting this labeler, the oldest is forgotten."""
+        check_name(labeler)
+        left, right = _item_id(left), _item_id(right)
+        with self._tx(write=True) as con:
+            self._check_pair(con, left, right)
+            self._serve(con, labeler, left, right, time.time())
+
+    @staticmethod
+    def _serve(con, labeler: str, left: int, right: int, now: float, replace: bool = False) -> None:
+        con.execute(f"INSERT OR {'REPLACE' if replace else 'IGNORE'} INTO served (labeler, low, high, served) "
+                    "VALUES (?, ?, ?, ?)", (labeler, min(left, right), max(left, right), now))
+        con.execute("DELETE FROM served WHERE labeler = ? AND rowid NOT IN (SELECT rowid FROM served "
+                    "WHERE labeler = ? ORDER BY served DESC, rowid DESC LIMIT ?)", (labeler, labeler, MAX_SERVED))
+
+    def answer_served(self, left: int, right: int, choice: str, labeler: str, *,
+                      min_response_ms: float = 0.0) -> tuple[int, float]:
+        """Record the answer to a pair served to this labeler (`serve`) and not yet answered by them;
+        returns (comparison id, response_ms). response_ms is measured here, from when the pair was
+        served. Refused, with nothing written: AlreadyAnswered; NotServed (never served to this
+        labeler, or forgotten); TooFast when the answer comes sooner than `min_response_ms` after the
+        pair was served or after this labeler's previous answer (one person answers one pair at a time)."""
+        uid, left, right, choice, labeler, _, _ = check_comparison(
+            {"left": left, "right": right, "choice": choice, "labeler": labeler})
+        with self._tx(write=True) as con:
+            self._check_pair(con, left, right)
+            if con.execute("SELECT 1 FROM comparisons WHERE labeler = ? AND ((left = ? AND right = ?) OR "
+                           "(left = ? AND right = ?))", (labeler, left, right, right, left)).fetchone():
+                raise AlreadyAnswered(f"labeler {labeler!r} has already answered the pair ({left}, {right})")
+            key = (labeler, min(left, right), max(left, right))
+            served = con.execute("SELECT served FROM served WHERE labeler = ? AND low = ? AND high = ?", key).fetchone()
+            if served is None:
+                raise NotServed(f"the pair ({left}, {right}) is not awaiting an answer from labeler {labeler!r} "
+                                f"(answers are accepted only for the pairs the app shows)")
+            now = time.time()
+            response_ms = max(0.0, (now - served[0]) * 1000)
+            previous = con.execute("SELECT max(created) FROM comparisons WHERE labeler = ?", (labeler,)).fetchone()[0]
+            since_previous = (now - previous) * 1000 if previous is not None and previous <= now else math.inf
+            if min(response_ms, since_previous) < min_response_ms:
+                waited = min(response_ms, since_previous)
+                raise TooFast(f"answer refused: it came {waited:.0f} ms after the "
+                              f"{'pair was shown' if response_ms <= since_previous else 'previous answer'}; "
+                              f"take at least {min_response_ms:.0f} ms to look at both samples",
+                              wait_ms=min_response_ms - waited)
+            cid = self._insert_comparisons(con, [(uid, left, right, choice, labeler, now, response_ms)], once=True)[0]
+            con.execute("DELETE FROM served WHERE labeler = ? AND low = ? AND high = ?", key)
+        return cid, response_ms
 
     _COMPARISON_COLUMNS = "id, uid, left, right, choice, labeler, created, response_ms"
 

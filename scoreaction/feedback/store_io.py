@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from scoreaction.config import check_timestamp, shown
 from scoreaction.errors import ScoreactionError
 from scoreaction.feedback.database import FORMAT, VERSION
 from scoreaction.feedback.records import (
@@ -33,7 +34,7 @@ from scoreaction.feedback.records import (
     check_name,
     npy_load,
 )
-from scoreaction.io import check_output_file, fsync_path
+from scoreaction.io import atomic_file, check_output_file
 
 if TYPE_CHECKING:
     from scoreaction.feedback.store import PreferenceStore
@@ -42,28 +43,20 @@ if TYPE_CHECKING:
 def export_jsonl(store: PreferenceStore, path: str | os.PathLike) -> dict:
     """Write items, comparisons and the queue as JSON lines, atomically; returns the counts."""
     path = check_output_file(path, "export file")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     counts = {"items": 0, "comparisons": 0, "queue": 0}
-    try:
-        with open(tmp, "w") as fh, store._tx() as con:
-            fh.write(json.dumps({"format": FORMAT, "version": VERSION}) + "\n")
-            for row in con.execute(f"SELECT {store._ITEM_COLUMNS}, data FROM items ORDER BY id"):
-                item = store._item_dict(row[:-1])
-                item.update(type="item", shape=list(item["shape"]), npy=base64.b64encode(row[-1]).decode())
-                fh.write(json.dumps(item) + "\n")
-                counts["items"] += 1
-            for row in con.execute(f"SELECT {store._COMPARISON_COLUMNS} FROM comparisons ORDER BY id"):
-                fh.write(json.dumps({"type": "comparison", **store._comparison_dict(row)}) + "\n")
-                counts["comparisons"] += 1
-            for left, right in con.execute("SELECT left, right FROM queue ORDER BY id"):
-                fh.write(json.dumps({"type": "queue", "left": left, "right": right}) + "\n")
-                counts["queue"] += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_path(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as fh, store._tx() as con:  # removes what killed exports to `path` left
+        fh.write(json.dumps({"format": FORMAT, "version": VERSION}) + "\n")
+        for row in con.execute(f"SELECT {store._ITEM_COLUMNS}, data FROM items ORDER BY id"):
+            item = store._item_dict(row[:-1])
+            item.update(type="item", shape=list(item["shape"]), npy=base64.b64encode(row[-1]).decode())
+            fh.write(json.dumps(item) + "\n")
+            counts["items"] += 1
+        for row in con.execute(f"SELECT {store._COMPARISON_COLUMNS} FROM comparisons ORDER BY id"):
+            fh.write(json.dumps({"type": "comparison", **store._comparison_dict(row)}) + "\n")
+            counts["comparisons"] += 1
+        for left, right in con.execute("SELECT left, right FROM queue ORDER BY id"):
+            fh.write(json.dumps({"type": "queue", "left": left, "right": right}) + "\n")
+            counts["queue"] += 1
     return counts
 
 
@@ -100,35 +93,85 @@ def read_jsonl(path: Path) -> tuple[list, list, list]:
                 if kind == "item":
                     items.append(read_item(record))
                 elif kind == "comparison":
-                    if not isinstance(record.get("uid"), str) or not re.fullmatch(r"[0-9a-f]{32}", record["uid"]):
-                        raise ScoreactionError(f"uid must be 32 hex digits, found {record.get('uid')!r}")
-                    row = {k: record.get(k) for k in ("uid", "left", "right", "choice", "labeler", "created",
-                                                      "response_ms")}
-                    check_comparison(row)
-                    comparisons.append(row)
+                    comparisons.append(read_comparison(record))
                 elif kind == "queue":
-                    queue.append((record["left"], record["right"]))
+                    queue.append((field(record, "left", as_item_id), field(record, "right", as_item_id)))
                 else:
-                    raise ScoreactionError(f"type must be 'item', 'comparison' or 'queue', found {kind!r}")
-            except (KeyError, TypeError, ValueError, binascii.Error) as err:
-                detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
-                raise ScoreactionError(f"{where}: {detail}") from None
+                    raise ScoreactionError(f"type must be 'item', 'comparison' or 'queue', found {shown(kind)}")
+            except (TypeError, ValueError, binascii.Error) as err:
+                raise ScoreactionError(f"{where}: {err}") from None
     if not items and not comparisons and not queue and path.stat().st_size == 0:
         raise ScoreactionError(f"import file {str(path)!r} is empty")
     return items, comparisons, queue
 
 
+def field(record: dict, name: str, check):
+    """`check(record[name])`; a missing field, or one that `check` refuses, is an error naming the field."""
+    if name not in record:
+        raise ScoreactionError(f"missing field {name!r}")
+    try:
+        return check(record[name])
+    except (TypeError, ValueError, OverflowError, binascii.Error) as err:
+        detail = str(err)
+        for prefix in (f"{name} ", "an item id ", "a condition ", "a sample's ", "a sample "):
+            if detail.startswith(prefix):
+                detail = detail[len(prefix):]
+                break
+        raise ScoreactionError(f"field {name!r} {detail}") from None
+
+
+def _text(value) -> str:
+    if not isinstance(value, str) or len(value) > 1000:
+        raise ScoreactionError(f"must be a string of at most 1000 characters, found {shown(value)}")
+    return value
+
+
+def _timestamp(value) -> float:
+    check_timestamp("created", value)
+    return float(value)
+
+
+def _sha256(value) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ScoreactionError(f"must be 64 hex digits, found {shown(value)}")
+    return value
+
+
 def read_item(record: dict) -> tuple:
-    """(old id, array, task, condition, model, created) of one item line."""
-    data = base64.b64decode(record["npy"], validate=True)
-    if hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise ScoreactionError("the array does not match its sha256")
-    array = npy_load(data)
-    created = record.get("created")
-    if isinstance(created, bool) or not isinstance(created, (int, float)):
-        raise ScoreactionError(f"created must be Unix time in seconds, found {created!r}")
-    return (as_item_id(record["id"]), array, check_name(record["task"], "task"), check_condition(record["condition"]),
-            str(record.get("model", "")), float(created))
+    """(old id, array, task, condition, model, created) of one item line, field by field."""
+    data = field(record, "npy", _base64)
+    if hashlib.sha256(data).hexdigest() != field(record, "sha256", _sha256):
+        raise ScoreactionError("field 'npy' does not match its sha256")
+    array = field(record, "npy", lambda _: npy_load(data))
+    model = field(record, "model", _text) if "model" in record else ""
+    return (field(record, "id", as_item_id), array, field(record, "task", lambda v: check_name(v, "task")),
+            field(record, "condition", check_condition), model, field(record, "created", _timestamp))
+
+
+def read_comparison(record: dict) -> dict:
+    """The answer of one comparison line, field by field (check_comparison checks them together after)."""
+    field(record, "uid", _uid)
+    for name in ("left", "right"):
+        field(record, name, as_item_id)
+    field(record, "created", _timestamp)
+    row = {k: record.get(k) for k in ("uid", "left", "right", "choice", "labeler", "created", "response_ms")}
+    check_comparison(row)
+    return row
+
+
+def _uid(value) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{32}", value):
+        raise ScoreactionError(f"must be 32 hex digits, found {shown(value)}")
+    return value
+
+
+def _base64(value) -> bytes:
+    if not isinstance(value, str):
+        raise ScoreactionError(f"must be base64 text, found {shown(value)}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error as err:
+        raise ScoreactionError(f"is not base64 ({err})") from None
 
 
 def import_jsonl(store: PreferenceStore, path: str | os.PathLike) -> dict:

@@ -29,13 +29,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scoreaction.errors import ScoreactionError
+from scoreaction.config import check_memory
+from scoreaction.errors import ConfigError, ScoreactionError
 from scoreaction.paths import Discrete, GaussianPath, RectifiedFlow, as_time
 
 TINY = ("tiny-sd", "tiny-sd3")
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 ADAPTER = "scoreaction"
 PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow": "velocity"}
+ENCODE_BATCH = 64  # prompts per pass of the text encoders
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -85,9 +87,11 @@ def build_tiny(name: str, seed: int = 0):
 
 def load_pipeline(model: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A built-in tiny pipeline by name, or a diffusers pipeline from a local folder (`local_files_only`:
-    nothing is fetched). Every failure is one line naming the folder and what was expected."""
+    nothing is fetched), checked component by component (`load_folder`). Every failure is one line naming
+    the folder, the component and the file; the libraries' own output is held back (`library_output`)."""
     if model in TINY:
-        pipe = build_tiny(model, seed)
+        with library_output():
+            pipe = build_tiny(model, seed)
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
     folder = Path(model)
     if not folder.exists():
@@ -95,21 +99,209 @@ def load_pipeline(model: str, *, seed: int = 0, dtype: torch.dtype = torch.float
                                f"found {model!r} (no such folder)")
     if not (folder / "model_index.json").is_file():
         raise ScoreactionError(f"model folder {model!r} is not a diffusers pipeline (expected model_index.json in it)")
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ScoreactionError(f"model folder {model!r}: model_index.json is not valid JSON") from None
-    if not isinstance(index, dict) or not ({"unet", "transformer"} & set(index)):
+    index = read_config(folder / "model_index.json", f"model folder {model!r}: model_index.json")
+    if not ({"unet", "transformer"} & set(index)):
         raise ScoreactionError(f"model folder {model!r}: expected a pipeline with a 'unet' or 'transformer', "
-                               f"found components {sorted(index) if isinstance(index, dict) else index!r}")
-    from diffusers import DiffusionPipeline
+                               f"found components {sorted(index)}")
+    with library_output():
+        return load_folder(folder, index, dtype)
 
+
+# --- a pipeline folder, component by component ------------------------------------------------------
+SHOW_LIBRARY_OUTPUT = False  # the command line's --verbose: diffusers' and transformers' own output is shown
+LIBRARIES = ("diffusers", "transformers")  # the only modules a model_index.json may name (nothing else is imported)
+
+
+@contextlib.contextmanager
+def library_output():
+    """Hold back what diffusers and transformers print inside the block (their log lines below errors,
+    progress bars, Python warnings, stdout and stderr), unless SHOW_LIBRARY_OUTPUT."""
+    if SHOW_LIBRARY_OUTPUT:
+        yield
+        return
+    import io
+    import warnings
+
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]  # handlers on the real stderr
+    for lib in libraries:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
     try:
-        return DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype,
-                                                 safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as err:
-        raise ScoreactionError(f"model folder {model!r} could not be loaded as a diffusers pipeline: "
-                               f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lib, (level, bars) in zip(libraries, saved):
+            lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
+
+
+def read_config(path: Path, where: str) -> dict:
+    """A JSON object from a config file of a pipeline folder; otherwise one line naming it."""
+    if not path.is_file():
+        raise ScoreactionError(f"{where} is missing (expected the file {str(path)!r})")
+    try:
+        value = json.loads(path.read_bytes())
+    except (ValueError, RecursionError):
+        raise ScoreactionError(f"{where} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ScoreactionError(f"{where} must hold a JSON object, found {type(value).__name__}")
+    return value
+
+
+def check_weights(path: Path, where: str) -> None:
+    """A safetensors file, whole: its header parses and its tensors end exactly at the end of the file."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > min(size - 8, 100 * 2**20):
+                raise ValueError("its header length is beyond the file")
+            header = json.loads(fh.read(n))
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as err:
+        raise ScoreactionError(f"{where}: weights file {str(path)!r} is not a safetensors file ({err})") from None
+    if 8 + n + end != size:
+        raise ScoreactionError(f"{where}: weights file {str(path)!r} is truncated or padded ({size} bytes, its "
+                               f"header describes {8 + n + end})")
+
+
+def component_class(entry, name: str, where: str):
+    """The class a model_index.json entry ["library", "Class"] names, from diffusers or transformers only."""
+    import importlib
+
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+        raise ScoreactionError(f"{where}: component {name!r} must be [library, class], found {entry!r}")
+    library, cls_name = entry
+    if library not in LIBRARIES:
+        raise ScoreactionError(f"{where}: component {name!r} names the library {library!r}; expected one of {LIBRARIES}")
+    cls = getattr(importlib.import_module(library), cls_name, None)
+    if not isinstance(cls, type):
+        raise ScoreactionError(f"{where}: component {name!r} names the class {cls_name!r}, which {library} does not have")
+    return cls
+
+
+def load_component(folder: Path, name: str, cls, dtype: torch.dtype):
+    """One component from its subfolder: its config file read, its weights checked, then loaded by its class."""
+    from diffusers import ModelMixin, SchedulerMixin
+    from transformers import PreTrainedModel
+
+    sub, where = folder / name, f"model folder {str(folder)!r}: component {name!r} ({cls.__name__})"
+    if not sub.is_dir():
+        raise ScoreactionError(f"{where} is missing (expected the folder {str(sub)!r})")
+    if issubclass(cls, SchedulerMixin):
+        config_file = sub / "scheduler_config.json"
+        config = read_config(config_file, f"{where}: {config_file.name}")
+        check_scheduler_config(config, f"{where}: {str(config_file)!r}")
+        try:
+            return cls.from_config(config)
+        except (ValueError, TypeError, KeyError, NotImplementedError) as err:
+            raise ScoreactionError(f"{where}: {str(config_file)!r} is not a valid {cls.__name__} config "
+                                   f"({_first_line(err)})") from None
+    if not issubclass(cls, (ModelMixin, PreTrainedModel)):  # tokenizers, image processors
+        try:
+            return cls.from_pretrained(str(sub), local_files_only=True)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+            raise ScoreactionError(f"{where} could not be loaded from {str(sub)!r} ({_first_line(err)})") from None
+    read_config(sub / "config.json", f"{where}: config.json")
+    weights = sorted(sub.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in sub.iterdir() if p.suffix in (".bin", ".pt", ".ckpt", ".pth"))
+        raise ScoreactionError(f"{where} has no safetensors weights in {str(sub)!r}"
+                               + (f" (only {pickled}: pickle files, which scoreaction never loads)" if pickled else ""))
+    for path in weights:
+        check_weights(path, where)
+    dtype_key = "torch_dtype" if issubclass(cls, ModelMixin) else "dtype"
+    try:
+        model, info = cls.from_pretrained(str(sub), local_files_only=True, use_safetensors=True,
+                                          output_loading_info=True, **{dtype_key: dtype})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:
+        raise ScoreactionError(f"{where}: the weights in {str(sub)!r} do not fit its config.json "
+                               f"({_first_line(err)})") from None
+    for kind in ("missing_keys", "mismatched_keys"):
+        found = list(info.get(kind) or [])
+        if found:
+            raise ScoreactionError(f"{where}: the weights in {str(sub)!r} do not fit its config.json "
+                                   f"({len(found)} {kind.replace('_', ' ')}, e.g. {found[0]!r})")
+    return model
+
+
+def check_scheduler_config(config: dict, where: str) -> None:
+    """The values a scheduler's config must hold for a Gaussian path: at least 2 training timesteps, finite betas."""
+    steps = config.get("num_train_timesteps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 10**7:
+        raise ScoreactionError(f"{where}: num_train_timesteps must be an integer in [2, 10000000], found {steps!r}")
+    for key in ("beta_start", "beta_end", "shift"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < (1 if key != "shift" else 1e6)):
+            raise ScoreactionError(f"{where}: {key} must be a number in (0, {1 if key != 'shift' else '1e6'}), "
+                                   f"found {value!r}")
+
+
+def check_loaded(pipe, folder: Path) -> None:
+    """The values of the loaded denoiser and VAE that the task reads: sizes and the latent scale."""
+    import math
+
+    name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    denoiser, where = getattr(pipe, name), f"model folder {str(folder)!r}: {str(folder / name / 'config.json')!r}"
+    for key in ("sample_size", "in_channels"):
+        value = denoiser.config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**16:
+            raise ScoreactionError(f"{where}: {key} must be an integer in [1, 65536], found {value!r}")
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        raise ScoreactionError(f"model folder {str(folder)!r}: the pipeline has no vae (expected one to decode latents)")
+    scale = vae.config.get("scaling_factor")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ScoreactionError(f"model folder {str(folder)!r}: {str(folder / 'vae' / 'config.json')!r}: "
+                               f"scaling_factor must be a finite number > 0, found {scale!r}")
+
+
+def load_folder(folder: Path, index: dict, dtype: torch.dtype):
+    """The pipeline of a folder: its class and every component checked and loaded one by one (see load_component)."""
+    import inspect
+
+    import diffusers
+
+    where = f"model folder {str(folder)!r}: model_index.json"
+    pipeline_cls = getattr(diffusers, str(index.get("_class_name")), None)
+    if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, diffusers.DiffusionPipeline)):
+        raise ScoreactionError(f"{where}: _class_name must name a diffusers pipeline, found {index.get('_class_name')!r}")
+    parameters = inspect.signature(pipeline_cls.__init__).parameters
+    components = {}
+    for name, entry in index.items():
+        if name.startswith("_") or name not in parameters or not isinstance(entry, list):
+            continue
+        if entry in ([None, None], [None]) or entry[0] is None:
+            components[name] = None
+            continue
+        components[name] = load_component(folder, name, component_class(entry, name, where), dtype)
+    for name, parameter in parameters.items():
+        if name != "self" and name not in components and parameter.kind is parameter.POSITIONAL_OR_KEYWORD \
+                and parameter.default is parameter.empty:
+            components[name] = None  # safety_checker, feature_extractor: not used here
+    if "requires_safety_checker" in parameters:
+        components["requires_safety_checker"] = False
+    try:
+        pipe = pipeline_cls(**components)
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ScoreactionError(f"model folder {str(folder)!r}: its components do not make a "
+                               f"{pipeline_cls.__name__} ({_first_line(err)})") from None
+    check_loaded(pipe, folder)
+    pipe.register_to_config(_name_or_path=str(folder))
+    return pipe
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].split(". If you")[0][:300] if text else type(err).__name__
 
 
 def family_of(pipe) -> tuple[str, GaussianPath, str]:
@@ -160,13 +352,21 @@ class Prompts:
         return {"encoder_hidden_states": emb, "pooled_projections": pooled}
 
     def add(self, texts: list[str]) -> list[int]:
-        new = [t for t in dict.fromkeys(texts) if t not in self.texts]
-        if new:
-            encoded = self._encode(new)
+        """Encode the prompts not seen before, ENCODE_BATCH at a time; refused before the first batch when
+        their embeddings would not fit in memory (the first batch's size, times the number of batches)."""
+        known = set(self.texts)
+        new = [t for t in dict.fromkeys(texts) if t not in known]
+        for start in range(0, len(new), ENCODE_BATCH):
+            batch = new[start:start + ENCODE_BATCH]
+            encoded = self._encode(batch)
+            if start == 0 and len(new) > ENCODE_BATCH:
+                per_prompt = sum(v[0].numel() * v.element_size() for v in encoded.values())
+                check_memory("prompts", len(new), 2 * per_prompt, f"text embeddings of {per_prompt} bytes each")
             for key, value in encoded.items():
-                self.table[key] = [*self.table.get(key, []), *value.unbind(0)]
-            self.texts.extend(new)
-        return [self.texts.index(t) for t in texts]
+                self.table.setdefault(key, []).extend(value.unbind(0))
+            self.texts.extend(batch)
+        index = {t: i for i, t in enumerate(self.texts)}
+        return [index[t] for t in texts]
 
     def embed(self, ids: torch.Tensor, device) -> dict[str, torch.Tensor]:
         ids = ids.tolist()
@@ -266,6 +466,11 @@ def add_lora(denoiser: nn.Module, rank: int, alpha: float, targets: list[str]) -
 
     if getattr(denoiser, "_hf_peft_config_loaded", False) and ADAPTER in denoiser.peft_config:
         denoiser.delete_adapters(ADAPTER)
+    widths = [min(m.in_features, m.out_features) for name, m in denoiser.named_modules()  # peft's matching
+              if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
+    if widths and rank > max(widths):
+        raise ConfigError(f"lora_rank must be at most {max(widths)} (the largest rank of a targeted layer of this "
+                          f"denoiser; a higher rank adds nothing), found {rank}")
     denoiser.requires_grad_(False)
     try:
         denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
@@ -289,9 +494,10 @@ def save_lora(pipe, family: str, denoiser: nn.Module, folder: str | Path) -> Non
     """Write the LoRA in diffusers' format (pytorch_lora_weights.safetensors, with its LoraConfig as metadata),
     so that a stock pipeline's `load_lora_weights(folder)` adapts its denoiser exactly as fine-tuned."""
     prefix = "transformer" if family == "sd3" else "unet"
-    type(pipe).save_lora_weights(str(folder), safe_serialization=True, **{
-        f"{prefix}_lora_layers": lora_state_dict(denoiser),
-        f"{prefix}_lora_adapter_metadata": denoiser.peft_config[ADAPTER].to_dict()})
+    with library_output():
+        type(pipe).save_lora_weights(str(folder), safe_serialization=True, **{
+            f"{prefix}_lora_layers": lora_state_dict(denoiser),
+            f"{prefix}_lora_adapter_metadata": denoiser.peft_config[ADAPTER].to_dict()})
 
 
 def save_merged(pipe, denoiser: nn.Module, folder: str | Path) -> None:
@@ -304,5 +510,35 @@ def save_merged(pipe, denoiser: nn.Module, folder: str | Path) -> None:
         merged.unload_lora()
     name = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
     components = {**pipe.components, name: merged}
-    type(pipe)(**{k: v for k, v in components.items() if k in type(pipe).__init__.__code__.co_varnames}).save_pretrained(
-        str(folder), safe_serialization=True)
+    with library_output():
+        type(pipe)(**{k: v for k, v in components.items() if k in type(pipe).__init__.__code__.co_varnames}
+                   ).save_pretrained(str(folder), safe_serialization=True)
+
+
+# --- identity of the base weights --------------------------------------------------------------------
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_digest(model: str, pipe=None) -> str:
+    """"sha256:HEX" of a pipeline's weights, so that a run can tell whether it resumes on the weights it was
+    trained on. A folder: every weight file under it (WEIGHT_SUFFIXES), in sorted order, by relative path, size
+    and bytes. A built-in tiny pipeline (`pipe` as built): each component's tensors by name, dtype, shape and
+    bytes, before any adapter is added."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if model in TINY:
+        for name, component in sorted(pipe.components.items()):
+            if isinstance(component, nn.Module):
+                for key, tensor in sorted(component.state_dict().items()):
+                    t = tensor.detach().cpu().contiguous()
+                    digest.update(f"{name}.{key} {t.dtype} {tuple(t.shape)}\n".encode())
+                    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return f"sha256:{digest.hexdigest()}"
+    root = Path(model)
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
+        digest.update(f"{path.relative_to(root).as_posix()} {path.stat().st_size}\n".encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(2**24), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()}"

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from scoreaction.io import atomic_write_bytes
 
 CHOICES = {"left": 1.0, "right": 0.0, "tie": 0.5}
 
@@ -102,14 +104,7 @@ def save_comparisons(path: str | os.PathLike, comparisons: Comparisons, metadata
         tensors["cond"] = comparisons.cond
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata=meta or None)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_bytes(path, save({k: v.contiguous().clone() for k, v in tensors.items()}, metadata=meta or None))
     return path
 
 

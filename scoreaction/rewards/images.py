@@ -20,8 +20,15 @@ Specs:
       Linear) + aesthetic_head.json ({"widths": [d_in, ..., 1]}). Ignores cond.
   learned:DIR      a Bradley-Terry ensemble fitted by scoreaction (rewards.preference) on images;
       cond is its class label, i.e. the prompt index.
+  geneval, geneval:binary   the shapes checker's partial credit (or 1/0) for prompts[cond], captions of
+      the shapes grammar (scoreaction/shapes, docs/shapes.md). Not differentiable.
   package.module:function   any callable (images, cond) -> (B,) float tensor; set an attribute
-      `differentiable = True` on it to declare gradients.
+      `differentiable = True` on it to declare gradients. A spec that imports code is honoured only where
+      the user gave it: a checkpoint that names one is refused unless the command line names it again
+      (`--set task.reward=package.module:function`; see `imports_only`), since a checkpoint is data.
+  NAME             a reward that an installed package declares as an entry point of the group
+      `scoreaction.rewards` (pyproject: [project.entry-points."scoreaction.rewards"] NAME = "pkg.mod:fn"),
+      a callable as above; a checkpoint may name it, as it names a built-in reward.
 
 The public LAION predictor (sac+logos+ava1-l14-linearMSE.pth, for CLIP ViT-L/14) converts once,
 unpickled by you with torch.load (scoreaction never unpickles):
@@ -37,11 +44,14 @@ unpickled by you with torch.load (scoreaction never unpickles):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import io
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +62,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from scoreaction.errors import ScoreactionError
+
 HEAD_WEIGHTS, HEAD_CONFIG = "aesthetic_head.safetensors", "aesthetic_head.json"
 NAMES = ("jpeg_compressibility", "jpeg_incompressibility", "clip:DIR", "aesthetic:DIR", "learned:DIR",
-         "package.module:function")
+         "geneval[:binary]", "package.module:function", "an entry point of scoreaction.rewards")
+ENTRY_POINTS = "scoreaction.rewards"
 DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
@@ -177,7 +190,16 @@ def load_clip(folder: str | os.PathLike, spec: str) -> tuple[nn.Module, dict]:
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"reward {spec!r}: cannot load the CLIP model in {str(folder)!r} "
                          f"({first_line(err)})") from None
+    check_finite_weights(model, f"reward {spec!r}: the CLIP model in {str(folder)!r}")
     return model.eval().requires_grad_(False), prep
+
+
+def check_finite_weights(module: nn.Module, what: str) -> None:
+    """Every floating weight and buffer of a loaded model is finite; otherwise a ValueError naming the first
+    tensor that is not (a model with a NaN weight scores NaN, or worse, something plausible)."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{what} has non-finite values (NaN or inf) in tensor {name!r}")
 
 
 def preprocess(images: torch.Tensor, prep: dict) -> torch.Tensor:
@@ -310,6 +332,9 @@ def load_aesthetic_head(folder: str | os.PathLike, embed_dim: int) -> nn.Sequent
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"aesthetic head {str(weights_path)!r} is missing or corrupt ({err})") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"aesthetic head {str(weights_path)!r} has non-finite values (NaN or inf) in tensor {bad!r}")
     head = nn.Sequential(*(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:])))
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
@@ -365,7 +390,26 @@ class FunctionReward(ImageReward):
                              f"{first_line(err)}") from None
 
 
+_imports: contextvars.ContextVar = contextvars.ContextVar("reward_imports", default=None)
+
+
+@contextlib.contextmanager
+def imports_only(allowed: Iterable[str], source: str):
+    """Within the block, a `package.module:function` reward is imported only if its spec is in `allowed`
+    (the specs the user gave on the command line); any other is a one-line ScoreactionError naming `source`
+    (e.g. "checkpoint 'RUN/...'"), and its module is never imported. Outside, every spec is imported."""
+    token = _imports.set((frozenset(allowed), source))
+    try:
+        yield
+    finally:
+        _imports.reset(token)
+
+
 def import_function(spec: str):
+    policy = _imports.get()
+    if policy is not None and spec not in policy[0]:
+        raise ScoreactionError(f"{policy[1]} names reward {spec!r}, a module of code; pass it on the command line "
+                               f"to run it (--set task.reward={spec})")
     module_name, _, attr = spec.partition(":")
     try:
         obj = importlib.import_module(module_name)
@@ -398,10 +442,34 @@ def make_image_reward(spec: str, *, prompts: list[str] | None = None, device: st
         if name == "clip":
             return CLIPScore(arg, prompts, spec, **options)
         return (AestheticScore if name == "aesthetic" else LearnedReward)(arg, spec, **options)
+    if name == "geneval":
+        from scoreaction.shapes.reward import GenEvalReward
+        return GenEvalReward(prompts, spec, **options)
     if colon and DOTTED.fullmatch(name) and DOTTED.fullmatch(arg):
         return FunctionReward(import_function(spec), spec, **options)
+    if not colon:
+        fn = entry_point_reward(spec)
+        if fn is not None:
+            return FunctionReward(fn, spec, **options)
     raise ValueError(f"unknown image reward {spec!r}; expected one of {', '.join(NAMES)}")
 
 
-__all__ = ["make_image_reward", "ImageReward", "JPEGSize", "CLIPScore", "AestheticScore", "LearnedReward",
-           "FunctionReward", "preprocess", "save_aesthetic_head", "load_aesthetic_head", "jpeg_bytes"]
+def entry_point_reward(name: str):
+    """The callable that the entry point `name` of the group `scoreaction.rewards` names, or None if none does."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINTS):
+        if entry.name == name:
+            try:
+                fn = entry.load()
+            except Exception as err:  # a plugin may fail in any way: one line naming it
+                raise ValueError(f"reward plugin {name!r} ({entry.value}) failed to load: {first_line(err)}") from None
+            if not callable(fn):
+                raise ValueError(f"reward plugin {name!r} ({entry.value}) is a {type(fn).__name__}, not a callable "
+                                 f"(images, cond) -> (B,) tensor")
+            return fn
+    return None
+
+
+__all__ = ["make_image_reward", "imports_only", "ImageReward", "JPEGSize", "CLIPScore", "AestheticScore",
+           "LearnedReward", "FunctionReward", "preprocess", "save_aesthetic_head", "load_aesthetic_head", "jpeg_bytes"]

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from scoreaction.config import check_seed
 from scoreaction.io import atomic_folder, atomic_write_bytes
 from scoreaction.rewards.comparisons import (
     CHOICES,
@@ -155,6 +156,7 @@ class BTRewardModel(nn.Module):
         norm = config.get("normalisation", {"mean": 0.0, "std": 1.0})
         self.register_buffer("input_mean", torch.as_tensor(norm["mean"], dtype=torch.float32))
         self.register_buffer("input_std", torch.as_tensor(norm["std"], dtype=torch.float32))
+        check_normalisation(self.input_mean, self.input_std)
         self.register_buffer("offset", torch.zeros(K, self.num_classes + 1))
 
     @property
@@ -209,19 +211,32 @@ class BTRewardModel(nn.Module):
         """P(left preferred): the mean of the members' Bradley-Terry probabilities, shape (N,)."""
         return self.member_win_probability(left, right, cond).mean(0)
 
-    def save(self, folder: str | os.PathLike, metadata: dict | None = None) -> Path:
-        """model.safetensors + reward.json, written into a temporary folder and renamed into place."""
+    def save(self, folder: str | os.PathLike, metadata: dict | None = None, *, overwrite: bool = False) -> Path:
+        """model.safetensors + reward.json, written into a temporary folder and renamed into place (over an
+        existing folder only with `overwrite`); a model with a non-finite weight is refused (nothing is written)."""
         metadata = self.metadata if metadata is None else metadata
         config = {"format": FORMAT, "version": FORMAT_VERSION, **self.config, "metadata": metadata}
-        with atomic_folder(folder) as tmp:
+        for name, tensor in self.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"reward model {str(folder)!r} not written: tensor {name!r} has non-finite values")
+        with atomic_folder(folder, replace=overwrite) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
                       str(tmp / "model.safetensors"))
             atomic_write_bytes(tmp / "reward.json", json.dumps(config, indent=1, default=float).encode())
         return Path(folder)
 
 
+def check_normalisation(mean: torch.Tensor, std: torch.Tensor, where: str = "normalisation ") -> None:
+    """The input normalisation (x - mean) / std: every mean finite, every std finite and > 0."""
+    for name, value, bad, want in (("mean", mean, ~torch.isfinite(mean), "finite"),
+                                   ("std", std, ~(torch.isfinite(std) & (std > 0)), "finite and > 0")):
+        if bool(bad.any()):
+            raise ValueError(f"{where}{name} must be {want}, found {float(value[bad].flatten()[0])}")
+
+
 def load_reward_model(folder: str | os.PathLike) -> BTRewardModel:
-    """A saved BTRewardModel; a missing, corrupt or mismatched file is a ValueError naming it."""
+    """A saved BTRewardModel; a missing, corrupt or mismatched file is a ValueError naming it, and so is a
+    non-finite weight or a normalisation scale that is not finite and > 0 (such a model would score NaN)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"reward model {str(folder)!r} is not a folder")
@@ -246,11 +261,15 @@ def load_reward_model(folder: str | os.PathLike) -> BTRewardModel:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"reward model file {str(weights_path)!r} is truncated or corrupt ({err})") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"reward model file {str(weights_path)!r}: tensor {bad!r} has non-finite values (NaN or inf)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise ValueError(f"reward model file {str(weights_path)!r} does not match {json_path.name} ({first})") from None
+    check_normalisation(model.input_mean, model.input_std, f"reward model file {str(weights_path)!r}: tensor input_")
     return model.eval().requires_grad_(False)
 
 
@@ -302,6 +321,7 @@ class FitConfig:
         if self.num_classes is not None and (isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int)
                                              or self.num_classes < 0):
             raise ValueError(f"num_classes must be an integer >= 0 or None, found {self.num_classes!r}")
+        check_seed("seed", self.seed)
 
     @classmethod
     def from_dict(cls, values: dict) -> FitConfig:
@@ -359,6 +379,8 @@ def fit_reward_model(comparisons: Comparisons, config: FitConfig | None = None, 
     if n < 1:
         raise ValueError("cannot fit a reward model on 0 comparisons")
     check_finite(comparisons)
+    if bool(comparisons.tied.all()):
+        raise ValueError(f"cannot fit a reward model: all {n} comparisons are ties (it learns from winners)")
     shape = comparisons.shape
     arch = config.architecture if config.architecture != "auto" else ("cnn" if len(shape) == 3 else "mlp")
     config = FitConfig(**{**asdict(config), "architecture": arch,
@@ -373,6 +395,10 @@ def fit_reward_model(comparisons: Comparisons, config: FitConfig | None = None, 
     gen = torch.Generator().manual_seed(config.seed)
     train_idx, val_idx = split(n, config.val_fraction, gen)
     train = comparisons.subset(train_idx)
+    for part, idx in (("training", train_idx), ("validation", val_idx)):
+        if len(idx) and bool(comparisons.tied[idx].all()):
+            raise ValueError(f"the {part} split ({len(idx)} of {n} comparisons) holds only ties (its accuracy is "
+                             f"undefined); add comparisons with a winner or change val_fraction")
     items = torch.cat([train.left, train.right])
     if arch == "cnn":
         norm = {"mean": float(items.mean()), "std": max(float(items.std()), 1e-6)}

@@ -47,7 +47,9 @@ class Task:
     Attributes: `name`; `config` (its TaskConfig); `shape` of one sample; `path` (the Gaussian path of the
     pretrained model); `pretrained` (score model, diffusion time s); `reward` (RewardModel: (x, cond) -> (B,));
     `beta_kl` and `eta` of the control problem (Eqs. E3, E5); `num_classes` (class-conditional tasks draw
-    labels 0..num_classes-1; 0: unconditional); `eval_n`, `eval_steps` (the trainer's evaluation defaults);
+    labels 0..num_classes-1; 0: unconditional); `eval_n`, `eval_steps` (the trainer's evaluation defaults, and
+    `scoreaction evaluate`'s); `sample_n`, `sample_steps` (`scoreaction sample`'s defaults: many samples where
+    statistics need them and they are cheap, a handful of images for a text-to-image pipeline);
     `exact` (True where `optimal_score`, `sample_optimal` and `reference` are exact).
     """
 
@@ -62,6 +64,8 @@ class Task:
     num_classes: int = 0
     eval_n: int = 4096
     eval_steps: int = 200
+    sample_n: int = 10_000
+    sample_steps: int = 100
     exact: bool = False
 
     # --- the start of a rollout -------------------------------------------------------------------

@@ -22,15 +22,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scoreaction.config import check_choice, check_positive, check_positive_int
+from scoreaction.config import check_choice, check_memory, check_positive, check_positive_int, check_seed, shown
 from scoreaction.errors import ScoreactionError
 from scoreaction.models.pipeline import (
     LORA_TARGETS,
+    TINY,
     DenoiserScore,
     Prompts,
     add_lora,
     family_of,
     load_pipeline,
+    weights_digest,
 )
 from scoreaction.models.residual import MLP
 from scoreaction.paths import Discrete
@@ -38,6 +40,7 @@ from scoreaction.samplers import make_grid
 from scoreaction.tasks.base import Task, TaskConfig
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_GUIDANCE = 100.0  # classifier-free guidance beyond this saturates every image (Stable Diffusion uses 1-15)
 PROMPT_LISTS = {
     "animals": ["a cat", "a dog", "a horse", "a rabbit", "a fox", "an owl", "a fish", "a bear"],
     "simple": ["a red circle", "a blue square", "a green triangle", "a yellow star"],
@@ -71,10 +74,15 @@ class DiffusersConfig(TaskConfig):
                                    f"path and path_options, found path={self.path!r}, path_options={self.path_options!r}")
         check_choice("precision", self.precision, PRECISIONS)
         check_positive("guidance_scale", self.guidance_scale)
+        if self.guidance_scale > MAX_GUIDANCE:
+            raise ScoreactionError(f"guidance_scale must be in (0, {MAX_GUIDANCE:g}], "
+                                   f"found {shown(self.guidance_scale)}")
+        check_seed("seed", self.seed)
         for name in ("reward_batch", "decode_batch", "eval_n"):
             check_positive_int(name, getattr(self, name))
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ScoreactionError(f"lora_rank must be an integer >= 0 (0: full fine-tuning), found {self.lora_rank!r}")
+        check_memory("lora_rank", self.lora_rank, 8, "two float32 values per rank of a layer at least")
         check_positive("lora_alpha", self.lora_alpha)
         if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
             raise ScoreactionError(f"lora_targets must be a non-empty list of module names, found {self.lora_targets!r}")
@@ -119,6 +127,7 @@ class LatentReward:
 class DiffusersTask(Task):
     name = "diffusers"
     eval_steps = 20
+    sample_n, sample_steps = 8, 20  # `scoreaction sample`: a handful of images (a 512 px image costs seconds)
 
     def __init__(self, config: DiffusersConfig):
         from scoreaction.rewards.images import make_image_reward
@@ -126,6 +135,8 @@ class DiffusersTask(Task):
         self.config = config
         self.amp_dtype = PRECISIONS[config.precision]
         self.pipe = load_pipeline(config.model, seed=config.seed, dtype=self.amp_dtype or torch.float32)
+        # a tiny pipeline's weights are hashed as built (before adapters); a folder's files when first asked
+        self._weights_digest = weights_digest(config.model, self.pipe) if config.model in TINY else None
         self.family, self.path, self.prediction = family_of(self.pipe)
         self.denoiser = self.pipe.transformer if self.family == "sd3" else self.pipe.unet
         self.denoiser.requires_grad_(False)
@@ -144,6 +155,14 @@ class DiffusersTask(Task):
         self.reward = LatentReward(self, make_image_reward(config.reward, prompts=self.prompts.texts,
                                                            device=config.reward_device or "cpu",
                                                            micro_batch=config.reward_batch))
+
+    @property
+    def weights_digest(self) -> str:
+        """"sha256:..." of the base model's weights (models/pipeline.weights_digest), computed once; a run
+        records it in its checkpoints and resumes, samples and evaluates only on the same weights."""
+        if self._weights_digest is None:
+            self._weights_digest = weights_digest(self.config.model, self.pipe)
+        return self._weights_digest
 
     def score_model(self, *, adapters: bool, denoiser: nn.Module | None = None) -> DenoiserScore:
         return DenoiserScore(denoiser or self.denoiser, self.path, self.prediction, self.family, self.prompts,

@@ -123,13 +123,17 @@ def read_manifest(folder: str | os.PathLike) -> dict:
 
 
 def _load_weights(module: nn.Module, file: Path) -> None:
-    """Load a safetensors file into `module`, checking every key and shape; errors name the file."""
+    """Load a safetensors file into `module`, checking every key, shape and that every value is finite; errors
+    name the file."""
     if not file.is_file():
         raise ValueError(f"digits checkpoint {str(file.parent)!r} is missing {file.name}")
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"digits checkpoint file {str(file)!r} is truncated or corrupt ({err})") from None
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"digits checkpoint file {str(file)!r} has non-finite values (NaN or inf) in tensor {bad!r}")
     load_matching(module, tensors, f"digits checkpoint file {str(file)!r} does not match its config", allow_extra=False)
 
 
@@ -179,9 +183,11 @@ def load_classifier(folder: str | os.PathLike) -> DigitClassifier:
     return model.eval().requires_grad_(False)
 
 
-def save_checkpoint(folder: str | os.PathLike, unet: UNet, classifier: DigitClassifier, manifest: dict) -> Path:
-    """Write the folder atomically: built beside its final name, then renamed into place."""
-    with atomic_folder(folder) as tmp:
+def save_checkpoint(folder: str | os.PathLike, unet: UNet, classifier: DigitClassifier, manifest: dict, *,
+                    replace: bool = False) -> Path:
+    """Write the folder atomically: built beside its final name, then renamed into place (over an existing
+    folder only with `replace`)."""
+    with atomic_folder(folder, replace=replace) as tmp:
         save_file({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, str(tmp / UNET_FILE))
         save_file({k: v.detach().contiguous() for k, v in classifier.state_dict().items()},
                   str(tmp / CLASSIFIER_FILE))
@@ -358,6 +364,7 @@ class DigitsTask(Task):
     num_classes = NUM_CLASSES
     shape = (1, IMAGE_SIZE, IMAGE_SIZE)
     eval_n, eval_steps = 512, 50  # the trainer's evaluation defaults: 4096 x 200 steps of a UNet is ~20 CPU-min
+    sample_n, sample_steps = 1000, 50  # `scoreaction sample`'s defaults (about a CPU-minute)
 
     def __init__(self, config: DigitsConfig | None = None):
         self.config = config = config or DigitsConfig()
@@ -426,8 +433,9 @@ PRETRAIN_STEPS = 1500
 def pretrain(out: str | os.PathLike, *, steps: int = PRETRAIN_STEPS, seed: int = 0,
              unet_config: UNetConfig | None = None, train_config: UNetTrainConfig | None = None,
              classifier_config: ClassifierTrainConfig | None = None, evaluate: bool = True,
-             log: Callable[[str], None] = print) -> dict:
-    """Train the classifier and the UNet on the train split and write a checkpoint folder to `out`.
+             log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+    """Train the classifier and the UNet on the train split and write a checkpoint folder to `out` (an existing
+    folder there is replaced only with `overwrite`).
 
     Everything is seeded from `seed`: same seed, torch build and thread count -> the same weights."""
     check_positive_int("steps", steps)
@@ -470,7 +478,7 @@ def pretrain(out: str | os.PathLike, *, steps: int = PRETRAIN_STEPS, seed: int =
                        "parameters": sum(p.numel() for p in classifier.parameters()),
                        "heldout_accuracy": clf_acc, "seconds": round(clf_log["seconds"], 1)},
     }
-    folder = save_checkpoint(out, ema, classifier, manifest)
+    folder = save_checkpoint(out, ema, classifier, manifest, replace=overwrite)
     if evaluate:
         metrics = {}
         for w in (0.0, 1.0):

@@ -6,10 +6,12 @@ prior std (p = 1 for VP, as in E21); the formulas below carry p so that any path
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from scoreaction.config import check_size, memory_bytes
 from scoreaction.tasks.base import PointTaskConfig, QuadraticTiltTask
 
 
@@ -62,6 +64,8 @@ class GaussianConfig(PointTaskConfig):
         super().__post_init__()
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
             raise ValueError(f"dim must be a positive integer, found {self.dim!r}")
+        check_size("dim", self.dim, math.isqrt(memory_bytes() // 32),
+                   "a few dim x dim float64 matrices must fit in this machine's memory")
 
 
 class GaussianTask(QuadraticTiltTask):

@@ -22,6 +22,7 @@ removes what killed writers left behind (`clean_stale`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -32,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from scoreaction.config import shown
+from scoreaction.config import check_finite, shown
 from scoreaction.errors import CheckpointError
 from scoreaction.io import STALE, atomic_folder, atomic_write_bytes, remove_stale
 
@@ -40,6 +41,8 @@ FILES = ("model.safetensors", "train.safetensors", "state.json")
 LATEST = "latest"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # what `latest` may name: a folder beside it
 STEP = re.compile(r"^step-(\d+)$")
+# keys of state.json whose numbers must all be finite (the config is checked by TrainConfig itself)
+FINITE_KEYS = ("optimizer", "algorithm_optimizers", "algorithm_extra")
 # keys of state.json that loading needs, with their JSON types
 STATE_KEYS = {"config": dict, "step": int, "trajectories": int, "optimizer": dict, "algorithm_optimizers": dict}
 MAX_HEADER = 100 * 2**20  # a safetensors header above this is corrupt
@@ -73,20 +76,81 @@ def load_optimizer_state(opt: torch.optim.Optimizer, prefix: str, tensors: dict,
         for name, value in meta.get("scalars", {}).items():
             idx, key = name.split(".", 1)
             state.setdefault(int(idx), {})[key] = value
+        check_optimizer_state(opt, state, meta["param_groups"], prefix)
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except CheckpointError:
+        raise
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
         raise CheckpointError(f"the checkpoint's optimiser state {prefix!r} does not fit this run "
                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 
+def check_optimizer_state(opt: torch.optim.Optimizer, state: dict, groups, prefix: str) -> None:
+    """A checkpoint's optimiser state against the optimiser it is loaded into, before torch's
+    load_state_dict (which checks little of it): as many param groups, each with the same keys, the same
+    parameter indices, and values of the same kind (numbers finite and >= 0, lists of the same length,
+    flags true or false); per-parameter state only for those parameters, tensors of their shapes."""
+    live = opt.state_dict()["param_groups"]
+    key = "optimizer" if prefix == "optimizer" else f"algorithm_optimizers.{prefix.removeprefix('algo.')}"
+    where = f"checkpoint file state.json: {key}"
+    if not isinstance(groups, list) or len(groups) != len(live):
+        raise CheckpointError(f"{where}.param_groups must be a list of {len(live)} group(s), found "
+                              f"{f'{len(groups)} groups' if isinstance(groups, list) else shown(groups)}")
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for k, (group, expected) in enumerate(zip(groups, live)):
+        if not isinstance(group, dict):
+            raise CheckpointError(f"{where}.param_groups[{k}] must be a JSON object, found {shown(group)}")
+        if set(group) != set(expected):
+            odd = sorted(set(group) ^ set(expected), key=str)[0]
+            raise CheckpointError(f"{where}.param_groups[{k}] {'has the unknown' if odd in group else 'lacks the'} "
+                                  f"key {shown(odd)} (this run's optimiser has {len(expected)} keys)")
+        for name, reference in expected.items():
+            _check_like(f"{where}.param_groups[{k}].{name}", group[name], reference)
+    for idx, entry in state.items():
+        if not 0 <= idx < len(params):
+            raise CheckpointError(f"{where}: state of parameter {idx}, but the optimiser has {len(params)}")
+        for item, value in entry.items():
+            if torch.is_tensor(value):
+                if value.ndim and tuple(value.shape) != tuple(params[idx].shape):
+                    raise CheckpointError(f"{where}: {item} of parameter {idx} has shape {tuple(value.shape)}, "
+                                          f"expected {tuple(params[idx].shape)}")
+            else:
+                _check_like(f"{where}.scalars.{idx}.{item}", value, 0.0)
+
+
+def _check_like(name: str, value, reference) -> None:
+    """`value` (from JSON) of the kind of `reference` (from the live optimiser); see check_optimizer_state."""
+    if isinstance(reference, bool) or reference is None:
+        ok, expected = isinstance(value, bool) or value is None, "true or false (or null)"
+    elif isinstance(reference, (int, float)):
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0)
+        expected = "a finite number >= 0"
+    elif isinstance(reference, (list, tuple)) and name.endswith(".params"):
+        ok, expected = value == list(reference), f"this run's parameter indices {shown(list(reference))}"
+    elif isinstance(reference, (list, tuple)):
+        ok, expected = isinstance(value, list) and len(value) == len(reference), f"a list of {len(reference)} values"
+        for k, (item, ref) in enumerate(zip(value, reference) if ok else ()):
+            _check_like(f"{name}[{k}]", item, ref)
+    elif isinstance(reference, str):
+        ok, expected = isinstance(value, str), "a string"
+    else:
+        ok, expected = True, ""  # a kind the optimiser's own load_state_dict checks
+    if not ok:
+        raise CheckpointError(f"{name} must be {expected}, found {shown(value)}")
+
+
 # --- writing -----------------------------------------------------------------------------------------
 def save(folder: str | os.PathLike, *, model: dict[str, torch.Tensor], train: dict[str, torch.Tensor],
          state: dict) -> Path:
-    """Write one checkpoint folder atomically (see the module docstring), after `clean_stale`."""
+    """Write one checkpoint folder atomically (see the module docstring), after `clean_stale`. A non-finite
+    tensor or optimiser number is a CheckpointError, and nothing is written."""
     folder = Path(folder)
+    bad = non_finite_value({"model.safetensors": model, "train.safetensors": train}, state)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {str(folder)!r} not written: its {bad[0]}: {bad[1]}")
     if folder.parent.name == "checkpoints":  # a run folder's: see the module docstring
         clean_stale(folder.parent.parent)
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, replace=True) as tmp:  # the final save may rewrite the last periodic one
         save_file({k: v.detach().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
         save_file({k: v.detach().contiguous() for k, v in train.items()}, str(tmp / "train.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
@@ -107,6 +171,22 @@ def clean_stale(run_dir: str | os.PathLike) -> list[str]:
     where a kill left NAME missing. Those of a process still running are kept. Returns their names."""
     run_dir = Path(run_dir)
     return remove_stale(run_dir / "checkpoints") + remove_stale(run_dir, names=("config.json", "metrics.jsonl"))
+
+
+def non_finite_value(files: dict[str, dict[str, torch.Tensor]], state: dict) -> tuple[str, str] | None:
+    """(file name, what) of the first non-finite value of a checkpoint: a floating tensor of `files` (file name ->
+    tensors), or a number under state.json's FINITE_KEYS; None if every one is finite. A NaN weight or Adam eps
+    would make every later step non-finite."""
+    for file, tensors in files.items():
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return file, f"tensor {name!r} has non-finite values (NaN or inf)"
+    for key in FINITE_KEYS:
+        try:
+            check_finite(key, state.get(key))
+        except ValueError as err:
+            return "state.json", str(err)
+    return None
 
 
 # --- reading -----------------------------------------------------------------------------------------
@@ -189,7 +269,11 @@ def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, to
         found = "nothing" if rng is None else f"{rng.dtype} of shape {tuple(rng.shape)}"
         raise CheckpointError(f"checkpoint file {str(folder / 'train.safetensors')!r} lacks the generator state "
                               f"'rng' (uint8 of shape {tuple(expected.shape)}); found {found}")
-    return model, train, read_state(folder / "state.json")
+    state = read_state(folder / "state.json")
+    bad = non_finite_value({"model.safetensors": model, "train.safetensors": train}, state)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint file {str(folder / bad[0])!r}: {bad[1]}")
+    return model, train, state
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -225,6 +309,20 @@ def resolve(path: str | os.PathLike) -> Path:
     if not problems:
         raise CheckpointError(f"run folder {str(path)!r} has no checkpoint ({why or 'checkpoints/ is empty'})")
     raise CheckpointError(f"run folder {str(path)!r} has no intact checkpoint: {problems[0]}")
+
+
+def run_folder(path: str | os.PathLike) -> Path | None:
+    """The run folder a path means, where a resume from it writes: a run folder itself (it has checkpoints/),
+    RUN for RUN/checkpoints and for a checkpoint folder RUN/checkpoints/NAME; None for a checkpoint folder
+    that lies in no run folder. Never the `out` a checkpoint recorded: a copied run resumes in the copy."""
+    path = Path(path)
+    if path.name == "checkpoints" and path.is_dir():
+        return path.parent
+    if path.parent.name == "checkpoints" and any((path / name).exists() for name in FILES):
+        return path.parent.parent
+    if (path / "checkpoints").is_dir():
+        return path
+    return None
 
 
 def _latest_name(checkpoints: Path) -> tuple[str | None, str | None]:

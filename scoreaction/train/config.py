@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +27,17 @@ from scoreaction.algorithms import AlgorithmConfig, algorithm_class
 from scoreaction.config import (
     Options,
     check_choice,
+    check_memory,
     check_nonnegative,
+    check_size,
+    memory_bytes,
     check_nonnegative_int,
     check_positive,
     check_positive_int,
+    check_seed,
     option,
 )
+from scoreaction.errors import ConfigError
 from scoreaction.samplers import GRIDS
 from scoreaction.sde import KERNELS
 from scoreaction.tasks import TaskConfig, task_config
@@ -60,6 +66,7 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError("device 'mps' was asked for, but torch finds no MPS backend here (use device=cpu or auto)")
     return torch.device(device)
 LR_SCHEDULES = ("constant", "linear")
+MAX_TIMEOUT = 30 * 86400.0  # seconds; datetime.timedelta and torch's collectives overflow far beyond
 
 
 @dataclass
@@ -94,7 +101,8 @@ class TrainConfig(Options):
     eval_n: int | None = option(None, help="evaluation samples (default: the task's)")
     eval_steps: int | None = option(None, help="evaluation grid steps (default: the task's)")
     checkpoint_every: int = option(0, help="write a checkpoint every N updates (0: only at the end)")
-    max_skipped: int = option(5, help="consecutive batches with a non-finite reward before the run stops")
+    max_skipped: int = option(3, help="consecutive updates that change no weight (a non-finite reward, or every "
+                                      "optimiser step skipped or rolled back as non-finite) before the run stops")
     timeout: float = option(1800.0, help="seconds a process of a several-process run (torchrun) waits for the "
                                          "others at a collective before it stops with an error")
     out: str = option("runs/train", help="run folder")
@@ -115,8 +123,9 @@ class TrainConfig(Options):
         for name in ("eval_n", "eval_steps", "rollout_batch", "micro_batch"):
             if getattr(self, name) is not None:
                 check_positive_int(name, getattr(self, name))
-        for name in ("eval_every", "checkpoint_every", "seed", "image_every"):
+        for name in ("eval_every", "checkpoint_every", "image_every"):
             check_nonnegative_int(name, getattr(self, name))
+        check_seed("seed", self.seed)
         check_choice("grid", self.grid, (*GRIDS, "scheduler"))
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("kernel", self.kernel, KERNELS)
@@ -124,10 +133,26 @@ class TrainConfig(Options):
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_nonnegative("action_noise", self.action_noise)
         check_positive("timeout", self.timeout)
+        if self.timeout > MAX_TIMEOUT:
+            raise ConfigError(f"timeout must be at most {MAX_TIMEOUT:g} seconds (30 days), found {self.timeout:g}")
+        self.check_sizes()
         group = self.algo.samples_per_condition
         if self.batch_size % group:
             raise ValueError(f"batch_size must be a multiple of {self.algorithm}'s group_size={group}, "
                              f"found {self.batch_size}")
+
+    def check_sizes(self) -> None:
+        """Sizes refused before anything is allocated: a lower bound of their memory (the rollout batch's states
+        over the grid, in the run's dtype; one hidden x hidden weight matrix) beyond this machine's."""
+        itemsize = 8 if self.dtype == "float64" else 4
+        dim = self.task.dim if isinstance(getattr(self.task, "dim", None), int) else 1
+        check_memory("steps", self.steps, dim * itemsize, f"states of {dim} x {itemsize} bytes")
+        for name in ("batch_size", "rollout_batch", "micro_batch", "eval_n"):
+            if getattr(self, name) is not None:
+                check_memory(name, getattr(self, name), dim * (self.steps + 1) * itemsize,
+                             f"{self.steps + 1} states of {dim} x {itemsize} bytes each")
+        check_size("hidden", self.hidden, math.isqrt(memory_bytes() // 4),
+                   "a hidden x hidden float32 matrix must fit in this machine's memory")
 
     def to_dict(self) -> dict:
         """The nested-mapping form (what config.json and checkpoints hold; `from_dict` reads it back)."""

@@ -4,8 +4,10 @@
     minibatches of algorithm.loss) -> metrics -> periodic evaluation and checkpoint
 
 Clock: RL time t for grids and rollouts. A reward that returns NaN/inf skips the update (the weights
-never see it) and `max_skipped` such batches in a row stop the run; a reward of the wrong shape or
-dtype stops it at once, with a message naming the update.
+never see it), and so does an optimiser step whose loss, gradient or result is not finite (rolled back);
+`max_skipped` updates in a row that change no weight stop the run (NonFiniteUpdates), and so does a run
+that ends without one update that changed them; a reward of the wrong shape or dtype stops it at once,
+with a message naming the update.
 
 Memory: rollouts run in chunks of `rollout_batch`, and each minibatch's loss in micro-batches of
 `micro_batch` transitions whose gradients accumulate (weighted by size, so the optimiser step is the
@@ -35,11 +37,12 @@ from tqdm.auto import tqdm
 
 from scoreaction import distributed
 from scoreaction.algorithms import Batch, make_algorithm
-from scoreaction.config import merge
-from scoreaction.errors import ScoreactionError
+from scoreaction.config import merge, shown
+from scoreaction.errors import CheckpointError, ScoreactionError
 from scoreaction.evaluation import objective
-from scoreaction.io import atomic_write_bytes
+from scoreaction.io import RUN, atomic_write_bytes, claim_folder, same_path
 from scoreaction.policy import ScoreAsAction
+from scoreaction.rewards.images import imports_only
 from scoreaction.tasks import make_task
 from scoreaction.train import checkpoint
 from scoreaction.train.config import TrainConfig, resolve_device
@@ -51,7 +54,12 @@ RESUMABLE = ("updates", "eval_every", "eval_n", "eval_steps", "checkpoint_every"
 DIAGNOSTICS = ("loss", "approx_kl", "clipfrac", "ratio_mean")
 
 
-class NonFiniteReward(ScoreactionError):
+class NonFiniteUpdates(ScoreactionError):
+    """`max_skipped` updates in a row, or every update of a run, changed no weight because a reward, loss,
+    gradient or optimiser step was not finite: the run stops, writing no checkpoint."""
+
+
+class NonFiniteReward(NonFiniteUpdates):
     """`max_skipped` batches in a row had a non-finite reward: the run stops (the weights never saw one)."""
 
 
@@ -81,8 +89,11 @@ class Trainer:
     `{name}_mean` (e.g. a hidden utility the learner never sees); they never reach the loss."""
 
     def __init__(self, config: TrainConfig, *, resume: str | None = None, progress: bool = True,
-                 monitors: dict | None = None):
+                 monitors: dict | None = None, overwrite: bool = False):
+        """`overwrite`: a fresh run may replace an existing run folder at `config.out` (see `run`)."""
         self.config, self.progress, self.monitors = config, progress, dict(monitors or {})
+        self.overwrite = overwrite
+        self.source_run = None if resume is None else checkpoint.run_folder(resume)  # the run resumed from
         self.dtype = DTYPES[config.dtype]
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -110,6 +121,7 @@ class Trainer:
         self.times: dict = {}
         self.optimizer = torch.optim.Adam(self.params, lr=self.algorithm.config.lr)
         self.step, self.trajectories, self.skipped_in_row = 0, 0, 0
+        self.changed = 0  # updates of this process's run that changed the weights
         self.resumed_from: int | None = None
         self.resume_changes: dict = {}
         self.run_dir = Path(config.out)
@@ -215,7 +227,6 @@ class Trainer:
             if self.skipped_in_row >= self.config.max_skipped:
                 raise NonFiniteReward(f"{message}; stopping after {self.skipped_in_row} such batches in a row")
             return {"step": self.step, "skipped": 1, "message": message, "trajectories": self.trajectories}
-        self.skipped_in_row = 0
         lr = self.learning_rate()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -240,6 +251,7 @@ class Trainer:
         if self.rolled_back:
             tqdm.write(f"scoreaction: warning: update {self.step}: {self.rolled_back} optimiser step(s) would have made "
                        f"the weights non-finite and were rolled back", file=sys.stderr)
+        self.count_change(changed=bool(grad_norms) or not skipped_steps, skipped_steps=skipped_steps)
         elapsed = time.perf_counter() - start
         metrics.update({
             "step": self.step, "trajectories": self.trajectories,
@@ -253,6 +265,22 @@ class Trainer:
             **{key: _mean([d[key] for d in diags if key in d]) for key in DIAGNOSTICS},
         })
         return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+    def count_change(self, *, changed: bool, skipped_steps: int) -> None:
+        """Count an update that changed the weights, or one whose every optimiser step was skipped or rolled
+        back as non-finite; `max_skipped` of those in a row stop the run."""
+        self.skipped_in_row, self.changed = (0, self.changed + 1) if changed else (self.skipped_in_row + 1, self.changed)
+        if self.skipped_in_row >= self.config.max_skipped:
+            raise NonFiniteUpdates(f"update {self.step}: all {skipped_steps} optimiser step(s) were non-finite (loss, "
+                                   f"gradient or new weights) and changed nothing; stopping after "
+                                   f"{self.skipped_in_row} such updates in a row (max_skipped)")
+
+    def check_changed(self) -> None:
+        """The end of a run: an error if no update of it changed the weights (each was non-finite)."""
+        if self.changed == 0:
+            first = (self.resumed_from or 0) + 1
+            raise NonFiniteUpdates(f"no update of the run ({first}..{self.step}) changed the weights: every reward or "
+                                   f"optimiser step was non-finite; no checkpoint written")
 
     def memory(self) -> dict:
         """Peak memory since the last call: the device's allocator on CUDA, and the process's resident set."""
@@ -296,6 +324,8 @@ class Trainer:
         state = {"format": "scoreaction-checkpoint-1", "config": self.config.to_dict(), "step": self.step,
                  "trajectories": self.trajectories, "metrics": metrics or {}, "optimizer": opt_meta,
                  "algorithm_optimizers": algo_opt_meta, "algorithm_extra": extra_meta}
+        if getattr(self.task, "weights_digest", None) is not None:
+            state["base_weights"] = self.task.weights_digest  # checked by `load`
         name = f"step-{self.step:06d}"
         folder = checkpoint.save(self.run_dir / "checkpoints" / name, model=self.policy.trainable_state(), train=train,
                                  state=state)
@@ -305,6 +335,7 @@ class Trainer:
     def load(self, path: str) -> None:
         folder = checkpoint.resolve(path)
         model, train, state = checkpoint.load(folder)
+        self.check_base_weights(state.get("base_weights"), folder)
         self.policy.load_trainable(model, f"checkpoint {str(folder)!r} does not match the policy")
         checkpoint.load_optimizer_state(self.optimizer, "optimizer", train, state["optimizer"])
         for name, module in self.algorithm.modules().items():
@@ -318,16 +349,34 @@ class Trainer:
         self.step, self.trajectories = int(state["step"]), int(state["trajectories"])
         self.resumed_from = self.step
 
+    def check_base_weights(self, recorded, folder) -> None:
+        """A checkpoint that recorded its base model's digest (tasks with `weights_digest`) loads only on
+        those weights: a one-line CheckpointError naming both digests otherwise."""
+        if recorded is None:
+            return
+        now = getattr(self.task, "weights_digest", None)
+        if not isinstance(recorded, str) or recorded != now:
+            model = getattr(self.task.config, "model", self.task.name)
+            was = recorded if isinstance(recorded, str) and len(recorded) < 100 else shown(recorded)
+            raise CheckpointError(f"checkpoint {str(folder)!r} was trained on base weights {was}, but "
+                                  f"the model {model!r} now has {now}: resume, sample and evaluate need the "
+                                  f"weights the run was trained on")
+
     @classmethod
     def from_checkpoint(cls, path: str, overrides: dict | None = None, **kw) -> "Trainer":
         """Rebuild a run from a checkpoint (or a run folder): config, task, policy, optimisers, RNG.
 
         Resume continues exactly the run it names: overrides may change only what does not alter what was
         trained (RESUMABLE: more updates, evaluation and checkpoint cadence, device, memory knobs, logging);
-        anything else, or fewer updates than already done, is a one-line error before anything is written."""
+        anything else, or fewer updates than already done, is a one-line error before anything is written. A reward
+        the checkpoint names as `package.module:function` is imported only if `overrides` names it again
+        (`{"task": {"reward": spec}}`, from `--set task.reward=SPEC`): a checkpoint is data and never runs code."""
         folder = checkpoint.resolve(path)
         _, _, state = checkpoint.load(folder)
         old = TrainConfig.from_dict(state["config"], f"in checkpoint {str(folder)!r}").to_dict()
+        run, given = checkpoint.run_folder(folder), dict(overrides or {})
+        if "out" not in given and run is not None:  # where it is pointed, not the out the checkpoint recorded
+            overrides = {**given, "out": str(run)}
         for key, value in (overrides or {}).items():
             now = merge({key: old.get(key)}, {key: value})[key] if isinstance(old.get(key), dict) else value
             if key not in RESUMABLE and now != old.get(key):
@@ -338,8 +387,13 @@ class Trainer:
         if config.updates < int(state["step"]):
             raise ScoreactionError(f"updates {config.updates} is fewer than the {int(state['step'])} the checkpoint "
                                    f"{str(folder)!r} has already done")
-        trainer = cls(config, resume=str(folder), **kw)
+        task_overrides = (overrides or {}).get("task")
+        named = [task_overrides["reward"]] if isinstance(task_overrides, dict) and "reward" in task_overrides else []
+        with imports_only(named, f"checkpoint {str(folder)!r}"):  # the checkpoint's own specs never import code
+            trainer = cls(config, resume=str(folder), **kw)
         trainer.resume_changes = changes
+        if "out" not in given and run is None:
+            trainer.run_dir = None  # a lone checkpoint folder: `run` needs out to be given
         return trainer
 
     # --- the loop -----------------------------------------------------------------------------
@@ -349,7 +403,26 @@ class Trainer:
             return {"step": self.step, "trajectories": self.trajectories}
         if not self.world.main:
             return self.follow()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = self.claim_run_dir()
+        try:
+            return self.lead()
+        finally:
+            lock.release()
+
+    def claim_run_dir(self):
+        """Lock the run folder for this process (io.FolderLock; a second writer is refused). A resume continues
+        its own run folder; a fresh run (or a resume into another folder) takes a new or empty one, or
+        replaces an existing run folder where `overwrite` says so, never a folder of anything else."""
+        if self.run_dir is None:
+            raise ScoreactionError("the checkpoint lies in no run folder (RUN/checkpoints/NAME): give out "
+                                   "(--out RUN) to say where the resumed run writes")
+        fresh = (self.resumed_from is None or self.source_run is None
+                 or not same_path(self.run_dir, self.source_run))
+        return claim_folder(self.run_dir, RUN, fresh=fresh, overwrite=self.overwrite, what="run folder")
+
+    def lead(self) -> dict:
+        """The loop of process 0, in the locked run folder: updates, logs, evaluations and checkpoints."""
+        cfg = self.config
         if self.resumed_from is None or not (self.run_dir / "config.json").exists():
             atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
         if self.resumed_from is not None:
@@ -383,6 +456,7 @@ class Trainer:
             log.close()
             if board is not None:
                 board.close()
+        self.check_changed()
         last["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.save(last)
         self.world.barrier()
@@ -393,6 +467,7 @@ class Trainer:
         last: dict = {}
         while self.step < self.config.updates:
             last = self.update()
+        self.check_changed()
         self.world.barrier()
         return last
 

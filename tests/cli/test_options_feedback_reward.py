@@ -126,12 +126,12 @@ def test_reward_simulate_file_then_flags_then_set(tmp_path, capsys):
     comps = load_comparisons(out)
     assert len(comps) == 40 and bool(comps.tied.all())  # the file's tie_margin reached the labeler
 
-    code, _, err = run(capsys, "reward", "simulate", "--config", config, "--n", 30, "--tie-margin", 0)
+    code, _, err = run(capsys, "reward", "simulate", "--config", config, "--n", 30, "--tie-margin", 0, "--overwrite")
     assert code == 0, err
     comps = load_comparisons(out)
     assert len(comps) == 30 and not bool(comps.tied.any())  # flags override the file
 
-    code, _, err = run(capsys, "reward", "simulate", "--config", config, "--n", 30, "--set", "n=20")
+    code, _, err = run(capsys, "reward", "simulate", "--config", config, "--n", 30, "--set", "n=20", "--overwrite")
     assert code == 0, err
     assert len(load_comparisons(out)) == 20  # --set overrides the flag
 

@@ -1,4 +1,5 @@
-"""Fixtures of the feedback tests: a small store of 2-D points and a real uvicorn server on 127.0.0.1.
+"""Fixtures of the feedback tests: a small store of 2-D points and a real uvicorn server on 127.0.0.1
+(built by server.make_server, as `feedback serve` builds it).
 
 Not a conftest.py: tests/test_*.py import the root conftest as `conftest`, which a second one would
 shadow. Test modules import the fixtures they use from here.
@@ -10,9 +11,9 @@ import time
 
 import numpy as np
 import pytest
-import uvicorn
 
 from scoreaction.feedback.app import create_app
+from scoreaction.feedback.server import Limits, make_server
 from scoreaction.feedback.store import PreferenceStore
 
 
@@ -41,12 +42,12 @@ def store(make_store):
 class LiveServer:
     """uvicorn serving the labeling app on a free port of 127.0.0.1, in a background thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, limits: Limits = Limits()):
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else ~40 ms per keep-alive request
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.server = make_server(app, limits)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self):
@@ -67,15 +68,31 @@ class LiveServer:
 
 @pytest.fixture
 def live_server():
-    """live_server(store_or_app) -> a running LiveServer; every server started is stopped at the end."""
+    """live_server(store_or_app, limits=Limits(), **create_app options) -> a running LiveServer; every
+    server started is stopped at the end."""
     started = []
 
-    def start(target, **kw):
+    def start(target, limits: Limits = Limits(), **kw):
         app = create_app(target, **kw) if isinstance(target, PreferenceStore) else target
-        server = LiveServer(app).__enter__()
+        server = LiveServer(app, limits).__enter__()
         started.append(server)
         return server
 
     yield start
     for server in started:
         server.__exit__(None, None, None)
+
+
+def next_and_answer(client, headers: dict, choice: str = "left"):
+    """GET /api/next, then answer the pair it served: the response to the answer (an httpx or starlette
+    client; the app must accept quick answers: min_response_ms=0)."""
+    pair = client.get("/api/next", headers=headers).json()
+    assert pair["done"] is False, pair
+    return client.post("/api/answer", headers=headers,
+                       json={"left": pair["left"]["id"], "right": pair["right"]["id"], "choice": choice})
+
+
+@pytest.fixture
+def answer_next():
+    """answer_next(client, headers, choice="left") -> the response to answering the pair GET /api/next serves."""
+    return next_and_answer

@@ -13,13 +13,14 @@ from PIL import Image
 
 from scoreaction.feedback.render import item_kind, render_image
 
-pytest_plugins = ["feedback_fixtures"]  # store, make_store, live_server
+pytest_plugins = ["feedback_fixtures"]  # store, make_store, live_server, answer_next
 
 
 @pytest.fixture
 def client(store, live_server):
-    """An HTTP client of the app served by uvicorn; .token and .auth (headers) are labeler ann's."""
-    server = live_server(store, seed=0)
+    """An HTTP client of the app served by uvicorn; .token and .auth (headers) are labeler ann's. Quick
+    answers are accepted (min_response_ms=0): test_app_served.py tests the minimum."""
+    server = live_server(store, seed=0, min_response_ms=0)
     with httpx.Client(base_url=server.url, timeout=30) as c:
         c.token = store.add_labeler("ann")
         c.auth_headers = {"Authorization": f"Bearer {c.token}"}
@@ -46,8 +47,9 @@ def test_next_answer_progress_undo(client, store):
     r = client.post("/api/answer", headers=client.auth_headers, json={"left": left, "right": right, "choice": "right",
                                                               "response_ms": 950})
     assert r.status_code == 200 and r.json()["progress"]["answered"] == 1
-    assert [(c["left"], c["right"], c["choice"], c["labeler"], c["response_ms"]) for c in store.comparisons()] == \
-        [(left, right, "right", "ann", 950.0)]
+    assert [(c["left"], c["right"], c["choice"], c["labeler"]) for c in store.comparisons()] == \
+        [(left, right, "right", "ann")]
+    assert store.comparisons()[0]["response_ms"] == r.json()["response_ms"] < 950  # measured by the server
     second = client.get("/api/next", headers=client.auth_headers).json()
     assert {second["left"]["id"], second["right"]["id"]} == {1, 3}
     assert client.get("/api/progress", headers=client.auth_headers).json() == {"labeler": "ann", "answered": 1, "queued": 30,
@@ -112,15 +114,13 @@ BAD_ANSWERS = [
 ]
 
 
-def test_bad_answers_get_a_4xx_and_leave_the_store_untouched(client, store):
+def test_bad_answers_get_a_4xx_and_leave_the_store_untouched(client, store, answer_next):
     headers = {**client.auth_headers, "Content-Type": "application/json"}
-    pairs = [(a, b) for a in range(1, 11) for b in range(a + 1, 11)]
     for k, (body, status, message) in enumerate(BAD_ANSWERS):
         r = client.post("/api/answer", headers=headers, content=body)
         assert r.status_code == status and message in r.json()["error"], (body, r.text)
         assert store.count_comparisons() == k, body
-        ok = client.post("/api/answer", headers=client.auth_headers,  # still serving
-                         json={"left": pairs[k][0], "right": pairs[k][1], "choice": "left"})
+        ok = answer_next(client, client.auth_headers)  # still serving
         assert ok.status_code == 200 and store.count_comparisons() == k + 1
 
 
@@ -132,15 +132,16 @@ def test_a_chunked_oversized_body_is_refused_while_read(client, store):
 
 def test_a_pair_is_answered_once_per_labeler(client, store):
     answer = {"left": 1, "right": 2, "choice": "left"}
+    client.get("/api/next", headers=client.auth_headers)  # serves the first queued pair, (1, 2)
     assert client.post("/api/answer", headers=client.auth_headers, json=answer).status_code == 200
     again = client.post("/api/answer", headers=client.auth_headers, json={**answer, "left": 2, "right": 1})
     assert again.status_code == 409 and "already answered" in again.json()["error"]
     assert store.count_comparisons() == 1
 
 
-def test_hostile_bodies_are_400_not_500(store, live_server):
+def test_hostile_bodies_are_400_not_500(store, live_server, answer_next):
     """Bodies that break a JSON parser or a validator: far too deep, an integer far too long, bad UTF-8."""
-    server = live_server(store, max_body=1_000_000)  # the deep array is larger than the default 64 KiB
+    server = live_server(store, max_body=1_000_000, min_response_ms=0)  # the deep array exceeds the default 64 KiB
     token = store.add_labeler("ann")
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     hostile = [
@@ -159,7 +160,7 @@ def test_hostile_bodies_are_400_not_500(store, live_server):
             r = c.post("/api/answer", headers=headers, content=body)  # parsed, then refused with a short message
             assert r.status_code == 422 and r.json()["error"].startswith(f"{field} must be"), r.text[:200]
             assert len(r.json()["error"]) < 200
-        ok = c.post("/api/answer", headers=headers, json={"left": 1, "right": 2, "choice": "left"})
+        ok = answer_next(c, headers)
         assert ok.status_code == 200  # still serving
     assert store.count_comparisons() == 1
     with httpx.Client(base_url=live_server(store).url, timeout=30) as c:  # the default limit
@@ -228,7 +229,7 @@ def test_no_request_path_reaches_the_file_system(store, live_server):
 
 def test_many_labelers_at_once_lose_and_duplicate_nothing(store, live_server):
     """16 labelers x 25 answers, plus 4 browser tabs of one labeler racing for the same queued pairs."""
-    server = live_server(store)
+    server = live_server(store, min_response_ms=0)
     tokens = {f"lab{k}": store.add_labeler(f"lab{k}") for k in range(16)}
     tokens["shared"] = store.add_labeler("shared")
     outcomes, errors = [], []

@@ -40,7 +40,7 @@ def shown_pair(page) -> tuple[int, int]:
 def test_labeling_in_chromium_by_click_and_keyboard_with_undo(make_store, live_server, browser, tmp_path):
     store = make_store(n_items=8, n_queued=5)
     token = store.add_labeler("ann")
-    server = live_server(store, seed=0)
+    server = live_server(store, seed=0, min_response_ms=0)  # the test clicks sooner than a person could
     page = browser.new_page(viewport={"width": 1000, "height": 720})
     problems = []
     page.on("pageerror", lambda err: problems.append(str(err)))

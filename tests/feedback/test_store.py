@@ -284,7 +284,7 @@ def test_a_bad_import_names_the_line_and_writes_nothing(tmp_path):
     cases = {
         "not valid JSON": {3: "{oops"},
         "does not match its sha256": {1: json.dumps(dict(item, sha256="0" * 64))},
-        "Object arrays cannot be loaded": {1: json.dumps(pickled)},  # never unpickled
+        "holds Python objects": {1: json.dumps(pickled)},  # never unpickled
         "choice must be one of": {comparison_line: lines[comparison_line].replace('"choice": "left"', '"choice": "maybe"')},
         "header": {0: json.dumps({"format": "something-else"})},
     }

@@ -20,7 +20,7 @@ from helpers import one_line_error, run_cli
 from scoreaction.errors import OutputError
 from scoreaction.feedback.store import PreferenceStore
 
-pytest_plugins = ["feedback_fixtures"]  # store, make_store, live_server
+pytest_plugins = ["feedback_fixtures"]  # store, make_store, live_server, answer_next
 
 
 def wal_of(path) -> Path:
@@ -104,7 +104,7 @@ def test_backup_is_consistent_while_another_connection_writes(make_store, tmp_pa
 
 def test_backup_never_overwrites(store, tmp_path, capsys):
     (tmp_path / "taken.db").write_text("mine")
-    with pytest.raises(OutputError, match="already exists; a backup never overwrites"):
+    with pytest.raises(OutputError, match="already exists; pass --overwrite to replace it"):
         store.backup(tmp_path / "taken.db")
     assert (tmp_path / "taken.db").read_text() == "mine"
     code, _, err = run_cli(capsys, "feedback", "backup", "--store", store.path, "--out", tmp_path / "taken.db")
@@ -114,19 +114,20 @@ def test_backup_never_overwrites(store, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("prefs")) == ["new.db", "taken.db"]
 
 
-def test_serve_stopped_by_ctrl_c_leaves_every_answer_in_the_file(store, tmp_path):
+def test_serve_stopped_by_ctrl_c_leaves_every_answer_in_the_file(store, tmp_path, answer_next):
     token = store.add_labeler("ann")
     store.close()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "scoreaction", "feedback", "serve", "--store", str(store.path),
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--port", "0", "--min-response-ms", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
     try:
         line = proc.stdout.readline()
         url = line.split(" at ", 1)[1].split()[0]
         headers = {"Authorization": f"Bearer {token}"}
         with httpx.Client(base_url=url, timeout=30) as client:
-            for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]:
-                r = client.post("/api/answer", headers=headers, json={"left": a, "right": b, "choice": "left"})
+            for _ in range(4):
+                r = answer_next(client, headers)
                 assert r.status_code == 200, r.text
         assert wal_of(store.path).exists()  # the answers are in the WAL while the server runs
         proc.send_signal(signal.SIGINT)
@@ -162,15 +163,19 @@ def test_kill_9_of_the_server_under_concurrent_writes_loses_no_acknowledged_answ
     store.close()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "scoreaction", "feedback", "serve", "--store", str(store.path),
-                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+                             "--port", "0", "--min-response-ms", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     url = proc.stdout.readline().split(" at ", 1)[1].split()[0]
-    pairs = [(a, b) for a in range(1, 31) for b in range(a + 1, 31)]
     acknowledged, lock = [], threading.Lock()
 
     def labeler(name):
         with httpx.Client(base_url=url, timeout=10, headers={"Authorization": f"Bearer {tokens[name]}"}) as client:
-            for a, b in pairs:
+            for _ in range(435):  # 30 items: 435 pairs, served at random
                 try:
+                    pair = client.get("/api/next").json()
+                    if pair["done"]:
+                        return
+                    a, b = pair["left"]["id"], pair["right"]["id"]
                     r = client.post("/api/answer", json={"left": a, "right": b, "choice": "left"})
                 except httpx.HTTPError:
                     return  # the server is gone

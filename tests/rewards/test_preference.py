@@ -165,7 +165,7 @@ def test_save_load_round_trip(small_conditional_fit, tmp_path):
     assert meta["normalisation"]["mean"] and meta["metadata"] == {"note": "test"}
     assert loaded.metadata == {"note": "test"}
     assert small_conditional_fit[0].model.metadata["n_train"] == 300  # fit_reward_model's summary by default
-    model.save(folder)  # overwriting an existing folder is atomic and leaves no temporary folders
+    model.save(folder, overwrite=True)  # overwriting an existing folder is atomic and leaves no temporary folders
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rm"]
 
 
