@@ -23,7 +23,7 @@ from test_reliability_cli import ERROR_LINE, quiet_main, snapshot
 
 from scoreaction.cli import preflight
 from scoreaction.feedback.database import Database, StoreError
-from scoreaction.models import pipeline
+from scoreaction.models import pipeline, pipeline_load
 
 LONG = "n" * 300  # a name longer than any file system allows (255 bytes)
 
@@ -328,10 +328,10 @@ def test_library_output_is_held_back_unless_verbose(capsys, monkeypatch):
 
     level = diffusers_logging.get_verbosity()
     for shown in (False, True):
-        monkeypatch.setattr(pipeline, "SHOW_LIBRARY_OUTPUT", shown)
+        monkeypatch.setattr(pipeline_load, "SHOW_LIBRARY_OUTPUT", shown)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with pipeline.library_output():
+            with pipeline_load.library_output():
                 print("a library print")
                 sys.stderr.write("a library progress bar\n")
                 warnings.warn("a library warning")

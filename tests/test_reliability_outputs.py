@@ -64,9 +64,12 @@ def world(tmp_path_factory):
     shutil.copytree(world / "rm", world / "rm_with_notes")
     (world / "rm_with_notes" / "notes.txt").write_text("the user's own file\n")
     (world / "text.npz").write_text("not samples\n")
+    shutil.copy(world / "store.db", world / "inuse.db")
+    (world / "inuse.db-wal").write_bytes(b"")  # a store open elsewhere, or not closed
     (world / "points.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
-    for name, target in [("link_new", "nowhere"), ("link_run", "run"), ("link_rm", "rm"), ("link.jsonl", "export.jsonl"),
-                         ("link.db", "store.db"), ("link.safetensors", "cmp.safetensors"), ("link.npz", "text.npz")]:
+    for name, target in [("link_new", "nowhere"), ("link_run", "run"), ("link_rm", "rm"),
+                         ("link.jsonl", "export.jsonl"), ("link.db", "store.db"),
+                         ("link.safetensors", "cmp.safetensors"), ("link.npz", "text.npz")]:
         (world / name).symlink_to(world / target)
     return world
 
@@ -108,13 +111,15 @@ CASES = [
     *[(EXPORT + ["--out", out] + more, fragment) for out, fragment in [
         (f"{W}/rm", OTHER_KIND), (f"{W}/notes", OTHER_KIND)] for more in ([], ["--overwrite"])],
     *[(PRETRAIN + ["--out", out] + more, fragment) for out, fragment in [
-        (f"{W}/run", OTHER_KIND), (f"{W}/rm", OTHER_KIND), (f"{W}/notes", OTHER_KIND)] for more in ([], ["--overwrite"])],
+        (f"{W}/run", OTHER_KIND), (f"{W}/rm", OTHER_KIND), (f"{W}/notes", OTHER_KIND)]
+      for more in ([], ["--overwrite"])],
     *[(QUICK + ["--out", out], OTHER_KIND) for out in (f"{W}/run", f"{W}/notes", f"{W}/rm")],
     # --- an output that is an input of the same command ----------------------------------------------
     (["feedback", "export", "--store", S, "--out", S], "is an input"),
     (["feedback", "export", "--store", S, "--out", S, "--overwrite"], "is an input"),
     (["feedback", "export", "--store", S, "--out", f"{W}/emptydir/../store.db", "--overwrite"], "is an input"),
     (["feedback", "backup", "--store", S, "--out", S, "--overwrite"], "is an input"),
+    (["feedback", "backup", "--store", S, "--out", f"{W}/inuse.db", "--overwrite"], "is in use or was not closed"),
     (["feedback", "backup", "--store", S, "--out", f"{W}/link.db", "--overwrite"], "symbolic link"),
     (["reward", "fit", "--store", S, "--out", S, "--overwrite"], "is an input"),
     (["reward", "fit", "--comparisons", f"{W}/cmp.safetensors", "--out", W, "--overwrite"], "holds an input"),
@@ -141,7 +146,8 @@ def case_id(case) -> str:
 
 
 @pytest.mark.parametrize("argv, fragment", CASES, ids=[case_id(c) for c in CASES])
-def test_an_output_that_is_not_ours_is_refused_and_nothing_changes(world, tmp_path, monkeypatch, capsys, argv, fragment):
+def test_an_output_that_is_not_ours_is_refused_and_nothing_changes(world, tmp_path, monkeypatch, capsys, argv,
+                                                                   fragment):
     monkeypatch.chdir(tmp_path)
     argv = [a.replace(W, str(world)).replace(CWD, str(tmp_path)) for a in argv]
     before = snapshot(world, tmp_path)

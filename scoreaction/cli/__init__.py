@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     flags = preflight.flag_names(parser)
     if getattr(args, "verbose", False):
-        from scoreaction.models import pipeline
+        from scoreaction.models import pipeline_load
 
-        pipeline.SHOW_LIBRARY_OUTPUT = True
+        pipeline_load.SHOW_LIBRARY_OUTPUT = True
     try:
         preflight.check_paths(args, flags)
         return int(args.run(args) or 0)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import ipaddress
 import json
 import sys
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ from scoreaction.config import (
     check_choice,
     check_flag,
     check_nonnegative,
-    check_nonnegative_int,
     check_positive_int,
     check_range,
     check_samples,
@@ -45,8 +43,7 @@ from scoreaction.config import (
     require,
 )
 from scoreaction.errors import ConfigError, OutputError, ScoreactionError
-from scoreaction.feedback.server import Limits, listen, make_server, url_of
-from scoreaction.feedback.store import MIN_RESPONSE_MS, PreferenceStore
+from scoreaction.feedback.store import PreferenceStore
 from scoreaction.io import STORE, STORE_EXPORT, Output, check_output
 
 DEFAULT_PORT = 8765
@@ -212,33 +209,6 @@ class ImportOptions(NewStoreOptions):
         super().__post_init__()
         require("--in", self.input)
         check_text("input", self.input)
-
-
-@dataclass
-class ServeOptions(StoreOptions):
-    host: str = option("127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
-    port: int = option(DEFAULT_PORT, help="port (0: any free port)")
-    question: str = option("Which sample do you prefer?", help="the question shown above each pair")
-    min_response_ms: float = option(MIN_RESPONSE_MS, help="answers sooner than this after their pair was shown "
-                                                          "(or after the labeler's previous answer) are refused")
-    header_timeout: float = option(Limits.header_timeout, help="seconds a client has to send a request's headers")
-    body_timeout: float = option(Limits.body_timeout, help="seconds a client has to send a request's body")
-    max_connections: int = option(Limits.max_connections, help="connections open at once (one more closes the "
-                                                               "longest-idle one)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_text("host", self.host)
-        check_text("question", self.question)
-        check_nonnegative_int("port", self.port)
-        if self.port > 65535:
-            raise ConfigError(f"port must be at most 65535, found {self.port}")
-        check_range("min_response_ms", self.min_response_ms, 0, 60_000)
-        check_range("header_timeout", self.header_timeout, 0.01, 86_400)
-        check_range("body_timeout", self.body_timeout, 0.01, 86_400)
-        check_positive_int("max_connections", self.max_connections)
-        if self.max_connections > 100_000:
-            raise ConfigError(f"max_connections must be at most 100000, found {self.max_connections}")
 
 
 def read_options(args: argparse.Namespace, cls):
@@ -468,35 +438,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from scoreaction.feedback.app import create_app
-
-    opts = read_options(args, ServeOptions)
-    limits = Limits(header_timeout=opts.header_timeout, body_timeout=opts.body_timeout,
-                    max_connections=opts.max_connections)
-    with opts.open() as store:  # closed when the server stops: the answers are in the file, not only its WAL
-        app = create_app(store, question=opts.question, min_response_ms=opts.min_response_ms)
-        sock = listen(opts.host, opts.port)
-        if not is_loopback(opts.host):
-            sys.stderr.write("scoreaction: warning: serving beyond this machine over plain HTTP; tokens travel in "
-                             "clear (put a TLS proxy in front)\n")
-        url = url_of(sock)
-        print(f"labeling app for {store.path} at {url}  (labelers open {url}?token=THEIR_TOKEN; Ctrl-C stops)",
-              flush=True)
-        try:
-            make_server(app, limits).run(sockets=[sock])  # no access log: it would show the page's ?token=...
-        finally:
-            sock.close()
-    return 0
-
-
 def register(sub) -> None:
     p = sub.add_parser("feedback", help="preference store, labelers and the labeling web app")
     fsub = p.add_subparsers(dest="feedback_command", metavar="ACTION", parser_class=type(p), required=True)
@@ -518,6 +459,8 @@ def register(sub) -> None:
     add("export", "write the store as JSON lines (arrays inline)", cmd_export, ExportOptions)
     q = add("import", "read JSON lines written by export (idempotent)", cmd_import, ImportOptions, skip=("input",))
     q.add_argument("--in", dest=flag_dest("input"), metavar="FILE", help=help_of(ImportOptions, "input"))
+    from scoreaction.cli.feedback_serve import ServeOptions, cmd_serve
+
     add("serve", "run the labeling web app", cmd_serve, ServeOptions)
     add("backup", "copy the store into a new file, consistently, also while the app serves it", cmd_backup,
         BackupOptions)

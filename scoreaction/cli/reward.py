@@ -28,7 +28,6 @@ from scoreaction.config import (
     Options,
     check_choice,
     check_flag,
-    check_nonnegative_int,
     check_positive_int,
     check_seed,
     check_text,

@@ -18,7 +18,6 @@ from scoreaction.config import (
     check_choice,
     check_flag,
     check_nonnegative,
-    check_nonnegative_int,
     check_positive_int,
     check_samples,
     check_seed,

@@ -110,8 +110,9 @@ def register(sub) -> None:
                        description="Options of the run; the task's and the algorithm's own options go through "
                                    "--set task.KEY=VALUE and --set algo.KEY=VALUE (or a --config file).")
     p.add_argument("--task", help=f"task name, one of {sorted(TASKS)} (default gaussian): --set task.name=...")
-    p.add_argument("--resume", metavar="DIR", help="continue a run from its latest checkpoint (or a checkpoint folder); "
-                                                   "it writes into that run folder (RUN for RUN/checkpoints/NAME)")
+    p.add_argument("--resume", metavar="DIR", help="continue a run from its latest checkpoint (or a checkpoint "
+                                                   "folder); it writes into that run folder (RUN for "
+                                                   "RUN/checkpoints/NAME)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder at --out (only a run "
                                                            "folder: config.json and checkpoints/)")
     add_options(p, TrainConfig)

@@ -284,15 +284,13 @@ def collect_human(store: PreferenceStore, config: QuickstartConfig, log: Callabl
                   min_answers: int = MIN_HUMAN_ANSWERS) -> str:
     """Serve the labeling app until the person has answered the queue (or presses Ctrl-C after at least
     `min_answers` answers); returns the labeler's name. `on_ready(url, token)` is for tests."""
-    import uvicorn
-
     from scoreaction.feedback.app import create_app
-    from scoreaction.feedback.server import listen, url_of
+    from scoreaction.feedback.server import listen, make_server, url_of
 
     token = store.add_labeler(HUMAN, replace=True)
     sock = listen(config.host, config.port)
     url = f"{url_of(sock)}?token={token}"
-    server = uvicorn.Server(uvicorn.Config(create_app(store), log_level="warning", access_log=False))
+    server = make_server(create_app(store))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     log(f"open {url} and say which digit of each pair you prefer ({len(store.queue())} pairs; keys: "

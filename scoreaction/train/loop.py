@@ -45,6 +45,7 @@ from scoreaction.policy import ScoreAsAction
 from scoreaction.rewards.images import imports_only
 from scoreaction.tasks import make_task
 from scoreaction.train import checkpoint
+from scoreaction.train.board import Board
 from scoreaction.train.config import TrainConfig, resolve_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -486,29 +487,6 @@ class Trainer:
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept.append(line)
         atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
-
-
-class Board:
-    """TensorBoard beside metrics.jsonl: every numeric metric each update, and a batch's final samples as
-    images every `image_every` updates where the task's samples are images (Task.images)."""
-
-    def __init__(self, folder: Path, task, image_every: int):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer, self.task, self.image_every = SummaryWriter(str(folder)), task, image_every
-
-    def log(self, step: int, metrics: dict, samples: torch.Tensor | None) -> None:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                self.writer.add_scalar(key, value, step)
-        if samples is not None and self.image_every and step % self.image_every == 0:
-            with torch.no_grad():
-                images = self.task.images(samples)
-            if images is not None:
-                self.writer.add_images("samples", images.float().cpu(), step)
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def synchronize(device: torch.device) -> None:

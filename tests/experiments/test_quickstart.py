@@ -4,6 +4,7 @@ strings), escaping of hostile strings, the person-in-the-loop mode through the r
 import dataclasses
 import json
 import threading
+import time
 from html.parser import HTMLParser
 
 import httpx
@@ -84,6 +85,17 @@ def test_every_stage_leaves_its_files(quick):
         assert (out / name).is_file(), name
     store = PreferenceStore(out / "store.sqlite")
     assert store.count_comparisons() == 50 and len(store.items(task="digits")) == 40
+
+
+def test_a_rerun_replaces_the_folder_and_refuses_others(quick, tmp_path):
+    from scoreaction.experiments.quickstart import OUTPUT
+    from scoreaction.io import check_output
+
+    out, _ = quick
+    assert OUTPUT.recognises(out)  # what `make run` run twice replaces
+    (tmp_path / "notes.txt").write_text("the user's")
+    with pytest.raises(ValueError, match="never replaced"):
+        check_output(tmp_path, OUTPUT, overwrite=True)
 
 
 def test_report_has_every_section_in_order_with_its_figures(quick, page):
@@ -214,6 +226,7 @@ def test_a_person_labels_through_the_web_app(tmp_path):
                     if nxt["done"]:
                         break
                     left, right = nxt["left"]["id"], nxt["right"]["id"]
+                    time.sleep(0.25)  # a person looks before answering; the app refuses answers under 200 ms
                     assert client.post("/api/answer", json={"left": left, "right": right, "choice": "left"}
                                        ).status_code == 200
                     answered.append((left, right))
