@@ -19,6 +19,7 @@ that a process keeps writing (a training run) is locked meanwhile (`FolderLock`)
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -99,16 +100,21 @@ def atomic_file(path: str | os.PathLike, mode: str = "w"):
 
 
 def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file, or a folder's entries (a rename in it), to disk; where a folder cannot be
-    opened for that (some platforms), nothing."""
+    """Flush a file, or a folder's entries (a rename in it), to disk. A file that cannot be flushed (a full
+    disk, an I/O error) raises its OSError; a folder that cannot be opened or flushed for that (some
+    platforms and file systems do not allow it) is passed over."""
+    folder = os.path.isdir(path)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return
+        if folder:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as err:
+        if not folder or err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EACCES):
+            raise
     finally:
         os.close(fd)
 

@@ -53,10 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     flags = preflight.flag_names(parser)
-    if getattr(args, "verbose", False):
-        from scoreaction.models import pipeline_load
+    from scoreaction.models import pipeline_load
 
-        pipeline_load.SHOW_LIBRARY_OUTPUT = True
+    pipeline_load.SHOW_LIBRARY_OUTPUT = bool(getattr(args, "verbose", False))  # for this command only
     try:
         preflight.check_paths(args, flags)
         return int(args.run(args) or 0)

@@ -147,16 +147,14 @@ def ctrl_gain(tmp_path, seed: int = 0, lr: float = 0.01, draws: int = 256) -> to
 
 @pytest.mark.slow
 def test_short_ctrl_run_raises_the_reward(tmp_path):
-    """Ten ctrl updates on tiny-sd raise the reward: the paired gain over the pretrained model exceeds 10 standard
-    errors. Measured over ATen CPU capabilities default/AVX2/AVX512 x 1 and 2 threads x train seeds 0-2: gains
-    of +0.052 to +0.065 at 33 to 45 standard errors; with the advantages negated, -0.06 (-45 se).
-    The reward reads the latent, not a decoded image: through tiny-sd's random VAE an image reward (brightness,
-    colour) depends on the latent along directions that differ per sample, the policy gradient of a batch of 64
-    carries no usable direction (cosine between independent batches' gradients 0.0 +- 0.2), and lr 0.1 on it
-    diverged (path KL 3000 nats) to gains of -13 to +13 standard errors that followed the CPU's round-off."""
+    """Five ctrl updates on tiny-sd raise the reward: the paired gain over the pretrained model exceeds 15 standard
+    errors. Measured over ATen CPU capabilities default/AVX2/AVX512 x 1 and 2 threads x train seeds 0-4: +0.025 to
+    +0.093 at 46 to 62 standard errors, each seed equal to 1e-5 on every CPU setting; negated advantages give -55.
+    The reward reads the latent because image rewards through tiny-sd's random VAE give batch policy gradients with
+    no common direction (cosine 0.0 +- 0.2 between independent batches): with them the gain followed round-off."""
     gain = ctrl_gain(tmp_path)
     mean, se = float(gain.mean()), float(gain.std()) / len(gain) ** 0.5
-    assert mean > 10 * se, (mean, se)
+    assert mean > 15 * se, (mean, se)
 
 
 def test_train_sample_export_cli(tmp_path, capsys):
