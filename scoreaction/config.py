@@ -346,6 +346,11 @@ def check_samples(name: str, n, shape, itemsize: int = 4, copies: int = 2) -> No
     check_memory(name, n, copies * elements * itemsize, f"{copies} x {elements} values of {itemsize} bytes per sample")
 
 
+def check_steps(name: str, steps) -> None:
+    """Solver steps: their time grid, steps + 1 float64 values, must fit in memory."""
+    check_memory(name, steps, 8, "a time grid of float64 values")
+
+
 def check_memory(name: str, value, bytes_each: int, what: str = "") -> None:
     """A size whose memory, `value * bytes_each` bytes (a lower bound of what it allocates, e.g. one float32
     per sample), must fit in this machine's memory: refused before anything is allocated."""

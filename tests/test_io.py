@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from scoreaction.errors import OutputError
-from scoreaction.io import atomic_folder, atomic_write_bytes, check_output_file, check_output_folder, remove_stale
+from scoreaction.io import atomic_folder, atomic_write_bytes, remove_stale
+from scoreaction.outputs import check_output_file, check_output_folder
 
 
 def dead_pid() -> int:

@@ -40,6 +40,8 @@ def world(tmp_path_factory):
                "--steps", 2)
     quiet_main("feedback", "export", "--store", world / "store.db", "--out", world / "export.jsonl")
     quiet_main("reward", "simulate", "--task", "gaussian", "--n", 40, "--items", 20, "--out", world / "cmp.safetensors")
+    quiet_main("reward", "fit", "--comparisons", world / "cmp.safetensors", "--out", world / "rm", "--epochs", 1,
+               "--ensemble", 1, "--set", "hidden=8", "--min-steps", 1)
     (world / "afile.txt").write_text("a file where a folder is expected\n")
     pipeline.build_tiny("tiny-sd").save_pretrained(world / "sd")
     return world
@@ -96,6 +98,21 @@ SIZES = [
     (["sample", "--task", "gaussian", "-q", "--n", "4", "--threads", str(2**40), "--out", "s.npz"], "--threads"),
     (TRAIN + ["--task", "diffusers", "--set", "task.lora_rank=10000000"], "lora_rank must be at most"),
     (TRAIN + ["--task", "diffusers", "--set", f"task.lora_rank={HUGE}"], "lora_rank must be at most"),
+    (TRAIN + ["--eval-steps", HUGE], "eval_steps must be at most"),
+    (TRAIN + ["--set", "algo.value_hidden=1000000000"], "value_hidden must be at most"),
+    (["sample", "--task", "gaussian", "-q", "--n", "4", "--steps", HUGE, "--out", "s.npz"], "steps must be at most"),
+    (["evaluate", "--checkpoint", "{W}/run", "--n", "4", "--steps", HUGE], "steps must be at most"),
+    (["feedback", "add-items", "--store", "{W}/store.db", "--task", "gaussian", "--pretrained", "--n", "2", "--steps",
+      HUGE], "steps must be at most"),
+    (["reward", "simulate", "--task", "gaussian", "--n", "10", "--items", HUGE, "--out", "c.safetensors"],
+     "items must be at most"),
+    *[(["reward", "fit", "--comparisons", "{W}/cmp.safetensors", "--out", "rm", "--epochs", "1", *more], fragment)
+      for more, fragment in [(["--set", "hidden=1000000000"], "hidden must be at most"),
+                             (["--ensemble", HUGE], "ensemble must be at most"),
+                             (["--set", "layers=100000000"], "layers must be at most")]],
+    (["reward", "evaluate", "--comparisons", "{W}/cmp.safetensors", "--model", "{W}/rm", "--bins", HUGE],
+     "bins must be at most 10000"),
+    (["quickstart", "--out", "qs", "--items", HUGE, "-q"], "items must be at most"),
 ]
 
 
@@ -103,6 +120,48 @@ SIZES = [
 def test_sizes_beyond_the_machine_are_refused_before_allocating(world, tmp_path, monkeypatch, capsys, argv, fragment):
     cwd = run_case(world, tmp_path, monkeypatch, capsys, argv, fragment)
     assert not any(cwd.iterdir()), "an output was created"
+
+
+def test_more_minibatches_than_items_are_one_item_each():
+    import torch
+
+    from scoreaction.algorithms.base import minibatch_indices
+
+    parts = minibatch_indices(5, 10**12, torch.Generator().manual_seed(0))  # not 10^12 tensors
+    assert sorted(int(i) for part in parts for i in part) == list(range(5)) and all(len(p) == 1 for p in parts)
+
+
+# --- prompt files ---------------------------------------------------------------------------------
+PROMPT_FILES = [  # (name, the file's bytes, what the message says after "prompt file 'P'")
+    ("a 10 MB line", b"a cat " * (10 * 2**20 // 6) + b"\n", "line 1: a prompt must have at most 10000 characters"),
+    ("NUL bytes", b"a cat\n\x00 dog\n", "line 2: a prompt must be text without control characters, found '\\x00'"),
+    ("an escape sequence", b"a \x1b[31mred\x1b[0m cat\n",
+     "line 1: a prompt must be text without control characters, found '\\x1b'"),
+    ("UTF-16", "a cat\n".encode("utf-16"), "is not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("name, data, fragment", PROMPT_FILES, ids=[c[0] for c in PROMPT_FILES])
+def test_bad_prompt_files_are_one_line_naming_file_and_line(world, tmp_path, monkeypatch, capsys, name, data,
+                                                            fragment):
+    (tmp_path / "p.txt").write_bytes(data)
+    argv = ["sample", "--task", "diffusers", "--set", f"task.prompts={tmp_path / 'p.txt'}", "--n", "2", "--steps",
+            "2", "-q", "--out", "s.npz", "--threads", "1"]
+    cwd = run_case(world, tmp_path, monkeypatch, capsys, argv, f"prompt file {str(tmp_path / 'p.txt')!r} {fragment}")
+    assert not any(cwd.iterdir())
+
+
+def test_a_prompt_file_with_a_byte_order_mark_and_a_long_prompt_prints_nothing_with_quiet(world, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from scoreaction.tasks.diffusers import read_prompts
+
+    (tmp_path / "p.txt").write_bytes("\ufeffa cat\n".encode() + b"a dog " * 80 + b"\n")  # over 77 tokens
+    assert read_prompts(str(tmp_path / "p.txt"))[0] == "a cat"
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "sample", "--task", "diffusers", "--set", f"task.model={world / 'sd'}",
+                             "--set", "task.prompts=p.txt", "--n", "2", "--steps", "2", "-q", "--out", "s.npz",
+                             "--threads", "1")
+    assert code == 0 and err == "", err  # the text encoder's truncation warning is held back
 
 
 # --- path faults, x commands ----------------------------------------------------------------------
@@ -236,6 +295,7 @@ def test_a_full_disk_is_not_called_a_corrupt_store(world, tmp_path):
     (OSError(errno.ENOTDIR, "Not a directory", "x.npz/y"), "--out 'x.npz/y': Not a directory"),
     (sqlite3.OperationalError("disk I/O error"), "sqlite3: disk I/O error"),
     (OverflowError("Python int too large to convert to C long"), "a number is too large"),
+    (RuntimeError("std::bad_alloc"), "out of memory"),
 ])
 def test_machine_errors_become_one_line_naming_the_option(tmp_path, monkeypatch, capsys, error, fragment):
     from scoreaction.cli import sample
@@ -384,6 +444,13 @@ IMPORT_DAMAGE = [  # (which line: item, comparison or queue; change of its recor
     ("queue", lambda r: {"type": "queue", "left": [1], "right": 2}, "field 'left' must be an integer"),
     ("queue", lambda r: {"type": "queue", "left": 1}, "missing field 'right'"),
     ("queue", lambda r: {"type": "queue", "left": 1.5, "right": 2}, "field 'left'"),
+    ("queue", lambda r: {"type": "queue", "left": -3, "right": 2}, "field 'left' must be an integer from 1"),
+    ("queue", lambda r: {"type": "queue", "left": 0, "right": 2}, "field 'left' must be an integer from 1"),
+    ("queue", lambda r: {"type": "queue", "left": 2, "right": 2}, "a queued pair needs two different items"),
+    ("queue", lambda r: {"type": "queue", "left": 1, "right": 99}, "the queue refers to item 99"),
+    ("queue", lambda r: '{"type": "queue", "left": 1, "right": 2, "left": 3}', "the key 'left' appears twice"),
+    ("item", lambda r: {**r, "shape": [3]}, "field 'shape' must be [2], what its npy holds, found [3]"),
+    ("item", lambda r: {**r, "dtype": "<f8"}, "field 'dtype' must be '<f4'"),
 ]
 
 
@@ -396,7 +463,8 @@ def test_damaged_import_files_name_file_line_and_field(world, tmp_path, monkeypa
         key, value = change.split(":")
         line = lines[1].replace(f'"{key}": {json.dumps(item[key])}', f'"{key}": {value}')
     else:
-        line = json.dumps(change(item))
+        line = change(item)
+        line = line if isinstance(line, str) else json.dumps(line)  # a str: the line as it is
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join([lines[0], *lines[1:3], line, *lines[3:]]) + "\n")
     store = tmp_path / "s.db"
@@ -405,6 +473,47 @@ def test_damaged_import_files_name_file_line_and_field(world, tmp_path, monkeypa
     code, out, err = run_cli(capsys, "feedback", "import", "--store", store, "--in", bad)
     check_one_line(code, out, err, fragment)
     assert f"import file {str(bad)!r} line 4: " in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_an_answer_given_twice_with_different_choices_is_refused(world, tmp_path, capsys):
+    store = tmp_path / "s.db"
+    shutil.copy(world / "store.db", store)
+    lines = (world / "export.jsonl").read_text().splitlines()
+    answer = {"type": "comparison", "id": 1, "uid": "ab" * 16, "left": 1, "right": 2, "choice": "left",
+              "labeler": "ann", "created": 1.7e9, "response_ms": None}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([*lines, json.dumps(answer), json.dumps({**answer, "choice": "right"})]) + "\n")
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, "feedback", "import", "--store", store, "--in", bad)
+    check_one_line(code, out, err, f"line {len(lines) + 2}: comparison uid {'ab' * 16} is already stored")
+    assert snapshot(tmp_path) == before
+
+
+# --- damaged reward.json --------------------------------------------------------------------------------
+REWARD_JSON_DAMAGE = [
+    ("an unknown key", lambda c: {**c, "hiddden": 8}, "unknown key 'hiddden'"),
+    ("shape negative", lambda c: {**c, "shape": [-2]}, "shape must be a list of 1 to 4 positive integers, found [-2]"),
+    ("shape NaN", lambda c: {**c, "shape": [float("nan")]}, "shape must be a list of 1 to 4 positive integers"),
+    ("shape huge", lambda c: {**c, "shape": [10**6, 10**6]}, "shape must be at most"),
+    ("hidden huge", lambda c: {**c, "hidden": 10**9}, "hidden must be at most"),
+    ("layers huge", lambda c: {**c, "layers": 10**8}, "layers must be at most"),
+    ("layers 1", lambda c: {**c, "layers": 1}, "layers must be an integer >= 2"),
+    ("ensemble 0", lambda c: {**c, "ensemble": 0}, "ensemble must be a positive integer, found 0"),
+    ("num_classes -1", lambda c: {**c, "num_classes": -1}, "num_classes must be an integer >= 0, found -1"),
+    ("no hidden", lambda c: {k: v for k, v in c.items() if k != "hidden"}, "it lacks 'hidden'"),
+]
+
+
+@pytest.mark.parametrize("change, fragment", [c[1:] for c in REWARD_JSON_DAMAGE], ids=[c[0] for c in REWARD_JSON_DAMAGE])
+def test_a_damaged_reward_json_is_one_line_naming_the_field(world, tmp_path, monkeypatch, capsys, change, fragment):
+    model = tmp_path / "rm"
+    shutil.copytree(world / "rm", model)
+    (model / "reward.json").write_text(json.dumps(change(json.loads((model / "reward.json").read_text()))))
+    before = snapshot(tmp_path)
+    code, out, err = run_cli(capsys, "reward", "evaluate", "--comparisons", world / "cmp.safetensors", "--model", model)
+    check_one_line(code, out, err, fragment)
+    assert f"reward model file {str(model / 'reward.json')!r}" in err
     assert snapshot(tmp_path) == before
 
 

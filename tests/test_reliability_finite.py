@@ -95,6 +95,7 @@ def build_world(world: Path) -> None:
         "ck_adam_nan": tensors_of("train.safetensors", poison("optimizer.state.0.exp_avg_sq", float("nan"))),
         "ck_eps_nan": edit_json("state.json", lambda s: {**s, "optimizer": {**s["optimizer"], "param_groups": [
             {**s["optimizer"]["param_groups"][0], "eps": float("nan")}]}}),
+        "ck_model_huge": tensors_of("model.safetensors", lambda t: {k: torch.full_like(v, 1e30) for k, v in t.items()}),
         "ck_betas_inf": edit_json("state.json", lambda s: {**s, "optimizer": {**s["optimizer"], "param_groups": [
             {**s["optimizer"]["param_groups"][0], "betas": [float("inf"), 0.999]}]}}),
     }.items():
@@ -112,6 +113,8 @@ def build_world(world: Path) -> None:
         "rm_negative_std": tensors_of("model.safetensors", poison("input_std", -1.0)),
         "rm_json_zero_std": edit_json("reward.json", lambda c: {**c, "normalisation": {**c["normalisation"],
                                                                                         "std": [0.0, 1.0]}}),
+        "rm_huge_weights": tensors_of("model.safetensors", lambda t: {k: v if k == "input_std" else
+                                                                      torch.full_like(v, 1e30) for k, v in t.items()}),
         "rm_json_nan_mean": edit_json("reward.json", lambda c: {**c, "normalisation": {**c["normalisation"],
                                                                                         "mean": [float("nan"), 0]}}),
     }.items():
@@ -122,6 +125,8 @@ def build_world(world: Path) -> None:
     store_with(world / "ties.db", ["tie"] * 10)
     store_with(world / "one_winner.db", ["tie"] * 19 + ["left"])
     save_comparisons(world / "ties.safetensors", Comparisons(torch.zeros(6, 2), torch.ones(6, 2), torch.full((6,), 0.5)))
+    save_file({"left": torch.tensor([[float("inf"), 0.0], [0.0, 1.0]]), "right": torch.zeros(2, 2),
+               "choice": torch.tensor([1.0, 0.0])}, str(world / "inf_items.safetensors"))
 
     # the digits model folder with a NaN in its classifier (the reward) and in its UNet
     from scoreaction.tasks.digits import CLASSIFIER_FILE, SHIPPED, UNET_FILE
@@ -222,6 +227,12 @@ def infinite_lr(monkeypatch):
     monkeypatch.setattr(Trainer, "learning_rate", lambda self: float("inf"))  # every step rolled back
 
 
+def late_infinite_lr(monkeypatch):
+    from scoreaction.train import Trainer
+
+    monkeypatch.setattr(Trainer, "learning_rate", lambda self: 1e-3 if self.step == 0 else float("inf"))
+
+
 def infinite_gradient(monkeypatch):
     from scoreaction.train import loop
 
@@ -235,7 +246,9 @@ FAILING = [(nan_reward, 10, [], "stopping after 3 such batches in a row"),
            (infinite_lr, 2, [], "no update of the run (1..2) changed the weights"),
            (infinite_gradient, 10, [], "stopping after 3 such updates in a row"),
            (infinite_gradient, 2, ["--checkpoint-every", "1"], "no update of the run (1..2) changed the weights"),
-           (infinite_gradient, 1, [], "no update of the run (1..1) changed the weights")]
+           (infinite_gradient, 1, [], "no update of the run (1..1) changed the weights"),
+           (late_infinite_lr, 2, [], "the run ended with 1 update(s) in a row (2..2) that changed no weight"),
+           (late_infinite_lr, 3, ["--max-skipped", "5"], "the run ended with 2 update(s) in a row (2..3)")]
 
 
 @pytest.mark.parametrize("fault, updates, flags, message", FAILING,
@@ -293,6 +306,23 @@ def test_a_non_finite_checkpoint_is_refused_at_load(world, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     argv = [a.format(ck=world / name, w=world, cwd=tmp_path) for a in CHECKPOINT_COMMANDS[command]]
     refused(capsys, world, tmp_path, argv, str(world / name), fragment)
+
+
+# --- outputs that would be non-finite -----------------------------------------------------------------------
+@pytest.mark.parametrize("argv, fragment", [
+    (["sample", "--checkpoint", "{w}/ck_model_huge", "--n", "4", "--steps", "2", "-q", "--out", "{cwd}/s.npz"],
+     "NaN or infinite values"),
+    (["evaluate", "--checkpoint", "{w}/ck_model_huge", "--n", "8", "--steps", "2"], "gave non-finite values (reward nan"),
+    (["reward", "evaluate", "--comparisons", "{w}/cmp.safetensors", "--model", "{w}/rm_huge_weights"],
+     "non-finite win probabilities for 60 of 60"),
+    (["reward", "fit", "--comparisons", "{w}/inf_items.safetensors", "--out", "{cwd}/rm"],
+     "inf_items.safetensors': 1 of 2 comparisons have non-finite samples"),
+    (["reward", "evaluate", "--comparisons", "{w}/inf_items.safetensors", "--model", "{w}/rm"],
+     "inf_items.safetensors': 1 of 2 comparisons have non-finite samples"),
+], ids=["sample", "evaluate", "reward evaluate", "reward fit on inf", "reward evaluate on inf"])
+def test_finite_weights_that_give_non_finite_outputs_are_refused(world, tmp_path, monkeypatch, capsys, argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    refused(capsys, world, tmp_path, [a.format(w=world, cwd=tmp_path) for a in argv], fragment)
 
 
 # --- comparisons without a winner -----------------------------------------------------------------------

@@ -23,7 +23,8 @@ from helpers import run_cli
 from test_reliability_cli import ERROR_LINE, build_world
 
 from scoreaction.feedback.store import PreferenceStore
-from scoreaction.io import LOCK, RUN, FolderLock, claim_folder
+from scoreaction.io import LOCK
+from scoreaction.outputs import RUN, FolderLock, claim_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -67,6 +68,10 @@ def world(tmp_path_factory):
     shutil.copy(world / "store.db", world / "inuse.db")
     (world / "inuse.db-wal").write_bytes(b"")  # a store open elsewhere, or not closed
     (world / "points.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    os.link(world / "store.db", world / "hardlink.db")  # the store under a second name
+    shutil.copytree(world / "run", world / "run_deep_notes")
+    (world / "run_deep_notes" / "checkpoints" / "step-000002" / "notes.txt").write_text("the user's own file\n")
+    (world / "run_deep_notes" / "checkpoints" / "best").mkdir()
     for name, target in [("link_new", "nowhere"), ("link_run", "run"), ("link_rm", "rm"),
                          ("link.jsonl", "export.jsonl"), ("link.db", "store.db"),
                          ("link.safetensors", "cmp.safetensors"), ("link.npz", "text.npz")]:
@@ -126,6 +131,19 @@ CASES = [
     (EXPORT + ["--out", f"{W}/run", "--overwrite"], "is an input"),
     (["sample", "--checkpoint", f"{W}/run/checkpoints/step-000002", "-q", "--n", "4", "--out",
       f"{W}/run/checkpoints/step-000002", "--overwrite"], "npz"),
+    (["feedback", "export", "--store", S, "--out", f"{W}/hardlink.db", "--overwrite"], "is an input"),
+    (["feedback", "backup", "--store", S, "--out", f"{W}/hardlink.db", "--overwrite"], "is an input"),
+    (["reward", "fit", "--comparisons", f"{W}/cmp.safetensors", "--out", f"{W}/emptydir/..", "--overwrite"],
+     "holds an input"),
+    # --- an output inside an input folder, or named as a store's journal -------------------------------
+    (SAMPLE[:1] + ["--checkpoint", f"{W}/run", "-q", "--n", "4", "--out", f"{W}/run/checkpoints/step-000002/s.npz"],
+     "lies inside an input"),
+    (EXPORT + ["--out", f"{W}/run/lora"], "lies inside an input"),
+    (["feedback", "export", "--store", S, "--out", f"{S}-journal"], "the name SQLite gives a journal"),
+    (["feedback", "backup", "--store", S, "--out", f"{S}-wal"], "the name SQLite gives a journal"),
+    (SIM + ["--out", f"{S}-shm"], "the name SQLite gives a journal"),
+    # --- files of the user's deep inside a folder of our kind ------------------------------------------
+    (TRAIN + ["--out", f"{W}/run_deep_notes", "--overwrite"], "'checkpoints/best', 'checkpoints/step-000002/notes.txt'"),
     # --- symbolic links as outputs ---------------------------------------------------------------------
     (TRAIN + ["--out", f"{W}/link_new"], "symbolic link"),
     (TRAIN + ["--out", f"{W}/link_run", "--overwrite"], "symbolic link"),
@@ -154,6 +172,28 @@ def test_an_output_that_is_not_ours_is_refused_and_nothing_changes(world, tmp_pa
     code, _, err = run_cli(capsys, *argv)
     one_line(code, err, fragment)
     assert snapshot(world, tmp_path) == before, "a file was created or changed"
+
+
+@pytest.mark.parametrize("inside, argv", [
+    ("run", TRAIN + ["--out", ".", "--overwrite"]),
+    ("run/checkpoints", TRAIN + ["--out", "..", "--overwrite"]),
+    ("rm", FIT + ["--out", "../rm", "--overwrite"]),
+], ids=["train --out .", "train --out ..", "reward fit --out ../rm"])
+def test_a_folder_is_never_replaced_from_inside_it(world, tmp_path, monkeypatch, capsys, inside, argv):
+    for name in ("run", "rm"):
+        shutil.copytree(world / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path / inside)
+    before = snapshot(world, tmp_path)
+    code, _, err = run_cli(capsys, *[a.replace(W, str(world)) for a in argv])
+    one_line(code, err, "holds the current folder")
+    assert snapshot(world, tmp_path) == before
+
+
+def test_an_output_named_dot_in_an_empty_folder_is_written_there(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, *[a.replace(W, str(world)) for a in FIT], "--out", ".")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "reward.json"]
 
 
 # --- (b) --overwrite replaces an output of the same kind, and nothing else ----------------------------
@@ -286,6 +326,33 @@ def test_a_resumed_copy_writes_into_the_copy_only(world, tmp_path, monkeypatch, 
     assert (copy / "checkpoints" / "step-000003").is_dir() and (copy / "checkpoints" / "latest").read_text() == \
         "step-000003\n"
     assert not (tmp_path / "copy" / "checkpoints" / "run").exists()
+
+
+DAMAGED_NEWEST = [
+    ("step -5", lambda s: {**s, "step": -5}, "step must be an integer >= 0, found -5"),
+    ("trajectories a string", lambda s: {**s, "trajectories": "16"}, "trajectories must be an integer >= 0"),
+    ("step true", lambda s: {**s, "step": True}, "step must be an integer >= 0, found True"),
+    ("another format", lambda s: {**s, "format": "scoreaction-checkpoint-9"}, "format must be 'scoreaction-checkpoint-1'"),
+    ("metrics a list", lambda s: {**s, "metrics": [1, 2]}, "metrics must be a JSON object, found a JSON list"),
+]
+
+
+@pytest.mark.parametrize("damage, fragment", [c[1:] for c in DAMAGED_NEWEST], ids=[c[0] for c in DAMAGED_NEWEST])
+def test_a_resume_never_writes_over_a_damaged_newer_checkpoint(world, tmp_path, monkeypatch, capsys, damage,
+                                                               fragment):
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run)
+    state = run / "checkpoints" / "step-000002" / "state.json"
+    state.write_text(json.dumps(damage(json.loads(state.read_text()))))
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--updates", "3", "-q")
+    one_line(code, err, fragment)
+    assert "resume from" in err and "step-000001" in err
+    assert snapshot(tmp_path) == before
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(run), "--n", "4", "--steps", "2", "-q",
+                           "--out", str(tmp_path / "s.npz"))  # reading passes over it, with a warning
+    assert code == 0 and "using" in err and "step-000001" in err, err
 
 
 def test_a_lone_checkpoint_resumes_only_where_out_says(world, tmp_path, monkeypatch, capsys):

@@ -116,8 +116,9 @@ class Transitions:
 
 
 def minibatch_indices(n: int, minibatches: int, generator: torch.Generator | None) -> list[torch.Tensor]:
-    """A random permutation of range(n) cut into `minibatches` nearly equal parts."""
-    return list(torch.randperm(n, generator=generator).tensor_split(minibatches))
+    """A random permutation of range(n) cut into `minibatches` nearly equal parts (n of one item each when
+    more are asked for than there are items: the others would be empty)."""
+    return list(torch.randperm(n, generator=generator).tensor_split(max(1, min(minibatches, n))))
 
 
 def rescore(policy: ScoreAsAction, mb: Transitions) -> tuple[torch.Tensor, torch.Tensor]:

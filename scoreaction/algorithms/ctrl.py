@@ -18,6 +18,7 @@ transitions with `loss`:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ from scoreaction.algorithms.base import (
     normalise,
     rescore,
 )
-from scoreaction.config import check_choice, check_positive, check_positive_int
+from scoreaction.config import check_choice, check_positive, check_positive_int, check_size, memory_bytes
 from scoreaction.value import ValueNet
 
 ADVANTAGES = ("td", "grad")
@@ -60,6 +61,8 @@ class CTRLConfig(AlgorithmConfig):
         check_positive("value_lr", self.value_lr)
         for name in ("value_epochs", "value_minibatches", "value_hidden"):
             check_positive_int(name, getattr(self, name))
+        check_size("value_hidden", self.value_hidden, math.isqrt(memory_bytes() // 4),
+                   "a value_hidden x value_hidden float32 matrix must fit in this machine's memory")
         check_choice("advantage", self.advantage, ADVANTAGES)
         check_choice("normalize", self.normalize, NORMALISATIONS)
         if not 0.0 <= self.gae_lambda <= 1.0:

@@ -14,7 +14,7 @@ from pathlib import Path
 from scoreaction.cli.common import add_run_switches
 from scoreaction.cli.options import add_config_args, add_options, assemble
 from scoreaction.config import Options, check_positive_int, check_seed, option
-from scoreaction.io import check_output_folder
+from scoreaction.outputs import check_output_folder
 
 BENCH_TASKS = ("exact", "efficiency", "digits", "diffusers")
 DEVICES = ("auto", "cpu", "cuda")

@@ -1,5 +1,5 @@
 """Helpers shared by the command modules: threads, output files, printing. Output paths are checked by
-`scoreaction.io.check_output` (one policy for every command)."""
+`scoreaction.outputs.check_output` (one policy for every command)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from scoreaction.cli.common import add_run_switches, set_threads
 from scoreaction.cli.options import add_config_args, add_options, assemble, checkpoint_overrides, section
 from scoreaction.config import Options, check_flag, option
-from scoreaction.io import EXPORTED_PIPELINE, atomic_folder, check_output
+from scoreaction.io import atomic_folder
+from scoreaction.outputs import EXPORTED_PIPELINE, check_output
 from scoreaction.models.pipeline import save_lora, save_merged
 
 

@@ -38,13 +38,14 @@ from scoreaction.config import (
     check_range,
     check_samples,
     check_seed,
+    check_steps,
     check_text,
     option,
     require,
 )
 from scoreaction.errors import ConfigError, OutputError, ScoreactionError
 from scoreaction.feedback.store import PreferenceStore
-from scoreaction.io import STORE, STORE_EXPORT, Output, check_output
+from scoreaction.outputs import STORE, STORE_EXPORT, Output, check_output
 
 DEFAULT_PORT = 8765
 STRATEGIES = ("random", "disagreement")
@@ -124,6 +125,7 @@ class AddItemsOptions(NewStoreOptions):
         check_positive_int("n", self.n)
         check_samples("n", self.n, ())
         check_positive_int("steps", self.steps)
+        check_steps("steps", self.steps)
         check_seed("seed", self.seed)
         if bool(self.checkpoint) == bool(self.task):
             raise ConfigError("give either --checkpoint DIR or --task NAME --pretrained")

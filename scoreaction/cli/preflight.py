@@ -128,7 +128,8 @@ def out_of_memory(err: BaseException) -> bool:
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
         return True
     text = str(err)
-    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()
+                                              or "std::bad_alloc" in text)
 
 
 def option_of(path, args: argparse.Namespace, flags: dict[str, str]) -> str | None:

@@ -12,7 +12,7 @@ HUMAN_PAIRS = 200  # about ten minutes of a person's clicking
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from scoreaction.experiments.quickstart import OUTPUT, QuickstartConfig, run
-    from scoreaction.io import check_output
+    from scoreaction.outputs import check_output
 
     set_threads(args)
     values = assemble(args)

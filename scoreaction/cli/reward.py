@@ -29,13 +29,16 @@ from scoreaction.config import (
     check_choice,
     check_flag,
     check_positive_int,
+    check_samples,
     check_seed,
+    check_size,
     check_text,
     option,
     require,
 )
 from scoreaction.errors import ConfigError
-from scoreaction.io import COMPARISONS, REWARD_MODEL, check_output, check_output_folder
+from scoreaction.outputs import COMPARISONS, REWARD_MODEL, check_output, check_output_folder
+from scoreaction.rewards.comparisons import MAX_BINS
 from scoreaction.rewards.preference import ARCH_DEFAULTS, ARCHITECTURES, FitConfig
 
 SIMULATED_TASKS = ("gaussian", "mixture", "digits")
@@ -122,6 +125,7 @@ class EvaluateOptions(SourceOptions):
         require("--model", self.model)
         check_text("model", self.model)
         check_positive_int("bins", self.bins)
+        check_size("bins", self.bins, MAX_BINS, "each bin is a row of the table")
 
 
 @dataclass
@@ -147,6 +151,7 @@ class SimulateOptions(Options):
         check_positive_int("n", self.n)
         if not (isinstance(self.items, int) and not isinstance(self.items, bool) and self.items >= 2):
             raise ConfigError(f"items must be an integer >= 2, found {self.items!r}")
+        check_samples("items", self.items, ())
         check_labeler(self)
         check_seed("seed", self.seed)
 

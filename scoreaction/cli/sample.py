@@ -21,9 +21,12 @@ from scoreaction.config import (
     check_positive_int,
     check_samples,
     check_seed,
+    check_steps,
     option,
 )
-from scoreaction.io import SAMPLES, check_output, image_grid, save_png
+from scoreaction.errors import ScoreactionError
+from scoreaction.io import image_grid, save_png
+from scoreaction.outputs import SAMPLES, check_output
 from scoreaction.metrics import fit_gaussian, gaussian_kl, mean_and_se
 from scoreaction.samplers import GRIDS, SOLVERS, get_solver
 from scoreaction.tasks import TASKS, make_task, task_config
@@ -63,6 +66,7 @@ class SampleConfig(Options):
         check_device(self.device)
         if self.steps is not None:
             check_positive_int("steps", self.steps)
+            check_steps("steps", self.steps)
         if self.n is not None:
             check_positive_int("n", self.n)
             check_samples("n", self.n, ())
@@ -148,6 +152,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                 callback=lambda _: bar.update())
         rewards = task.reward(x_T, cond)
     x_T, rewards, cond = x_T.cpu(), rewards.cpu(), None if cond is None else cond.cpu()
+    bad = int((~torch.isfinite(x_T)).sum())
+    if bad:
+        raise ScoreactionError(f"the samples of {what} hold {bad} NaN or infinite values of {x_T.numel()} (its "
+                               f"scores overflow); nothing written to {cfg.out!r}")
     written = []
     if cfg.out.endswith(".npz"):
         extra = {} if cond is None else {"conditions": cond.numpy()}

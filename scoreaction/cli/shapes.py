@@ -104,7 +104,8 @@ def cmd_prompts(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from scoreaction.io import atomic_folder, check_output_folder, save_png
+    from scoreaction.io import atomic_folder, save_png
+    from scoreaction.outputs import check_output_folder
     from scoreaction.shapes.grammar import read_captions
     from scoreaction.shapes.scenes import render
 

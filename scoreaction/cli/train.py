@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -11,9 +12,10 @@ import torch
 from scoreaction import distributed
 from scoreaction.cli.common import add_run_switches, print_table, set_threads
 from scoreaction.cli.options import add_config_args, add_options, assemble, checkpoint_overrides, section
-from scoreaction.config import Options, check_positive_int, check_samples, option
+from scoreaction.config import Options, check_positive_int, check_samples, check_steps, option
+from scoreaction.errors import ScoreactionError
 from scoreaction.evaluation import objective, solver_gain
-from scoreaction.io import RUN, FolderLock, check_output, same_path
+from scoreaction.outputs import RUN, FolderLock, check_output, same_path
 from scoreaction.samplers import GRIDS, SOLVERS, get_solver
 from scoreaction.tasks import TASKS
 from scoreaction.train import TrainConfig, Trainer
@@ -49,11 +51,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def check_resume_out(resume: str, out: str | None, overwrite: bool) -> None:
     """Before anything loads: a resume writes into the run folder it is pointed at (RUN for RUN/checkpoints/NAME),
     or into `out` if given, which is then that run folder or a new one; the folder must not be in use."""
-    from scoreaction.train.checkpoint import run_folder
+    from scoreaction.train.checkpoint import resolve, run_folder
 
     run = run_folder(resume)
     if out is not None and (run is None or not same_path(out, run)):
         check_output(out, RUN, overwrite=overwrite)
+    elif run is not None:
+        resolve(resume, writing=True)  # never past a damaged newer checkpoint of the run it writes into
     target = out if out is not None else run
     if target is not None:
         FolderLock.check(target, "run folder")
@@ -77,6 +81,7 @@ class EvaluateConfig(Options):
         get_solver(self.solver)
         if self.steps is not None:
             check_positive_int("steps", self.steps)
+            check_steps("steps", self.steps)
         if self.n is not None:
             check_positive_int("n", self.n)
             check_samples("n", self.n, ())
@@ -98,6 +103,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if cfg.objective:
         result.update({f"J_{k}": v for k, v in objective(policy, task, cfg.steps, n=cfg.n, seed=seed,
                                                           dtype=trainer.dtype).items()})
+    bad = ", ".join(f"{k} {v}" for k, v in result.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        raise ScoreactionError(f"evaluating {cfg.checkpoint!r} gave non-finite values ({bad}): its policy's samples "
+                               f"or rewards overflow")
     if args.json:
         print(json.dumps(result, indent=2))
     else:

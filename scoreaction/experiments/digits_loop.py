@@ -23,7 +23,9 @@ from scoreaction.config import (
     check_nonnegative,
     check_positive,
     check_positive_int,
+    check_samples,
     check_seed,
+    check_steps,
     option,
 )
 from scoreaction.feedback.labelers import SimulatedLabeler
@@ -71,6 +73,9 @@ class DigitsLoopConfig(Options):
     def __post_init__(self):
         for name in ("items", "pairs", "updates", "batch_size", "steps", "per_class"):
             check_positive_int(name, getattr(self, name))
+        check_samples("items", self.items, (1, 8, 8))  # digit images of 8 x 8 float32
+        check_samples("per_class", self.per_class * 10, (1, 8, 8))
+        check_steps("steps", self.steps)
         check_positive("beta_kl", self.beta_kl)
         check_nonnegative("temperature", self.temperature)
         check_seed("seed", self.seed)

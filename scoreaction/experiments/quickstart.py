@@ -55,7 +55,8 @@ from scoreaction.experiments.digits_loop import (
     learn_reward,
 )
 from scoreaction.feedback.store import PreferenceStore
-from scoreaction.io import LOCK, STALE, Output, atomic_write_bytes, claim_folder
+from scoreaction.io import LOCK, STALE, atomic_write_bytes
+from scoreaction.outputs import Output, claim_folder
 from scoreaction.rewards.utilities import make_utility
 from scoreaction.samplers import SOLVERS as SOLVER_NAMES
 from scoreaction.tasks.digits import DigitsTask

@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scoreaction.errors import OutputError, ScoreactionError
-from scoreaction.io import check_output_file, fsync_path, remove_stale
+from scoreaction.io import fsync_path, remove_stale
+from scoreaction.outputs import check_output_file
 
 FORMAT, VERSION = "scoreaction-preferences", 1
 BUSY_TIMEOUT_MS = 30_000

@@ -96,8 +96,8 @@ def as_item_id(value) -> int:
     """An item id: a Python (or numpy/torch scalar) integer that fits SQLite's 64 bits."""
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, int) or not -2**63 <= value < 2**63:
-        raise ScoreactionError(f"an item id must be an integer, found {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
+        raise ScoreactionError(f"an item id must be an integer from 1 to 2^63 - 1, found {value!r}")
     return value
 
 

@@ -34,7 +34,8 @@ from scoreaction.feedback.records import (
     check_name,
     npy_load,
 )
-from scoreaction.io import atomic_file, check_output_file
+from scoreaction.io import atomic_file
+from scoreaction.outputs import check_output_file
 
 if TYPE_CHECKING:
     from scoreaction.feedback.store import PreferenceStore
@@ -73,7 +74,7 @@ def read_jsonl(path: Path) -> tuple[list, list, list]:
                 line = raw.decode()
                 if not line.strip():
                     continue
-                record = json.loads(line)
+                record = json.loads(line, object_pairs_hook=unique_keys)
             except UnicodeDecodeError:
                 raise ScoreactionError(f"{where}: not UTF-8 text") from None
             except json.JSONDecodeError as err:
@@ -93,9 +94,12 @@ def read_jsonl(path: Path) -> tuple[list, list, list]:
                 if kind == "item":
                     items.append(read_item(record))
                 elif kind == "comparison":
-                    comparisons.append(read_comparison(record))
+                    comparisons.append({**read_comparison(record), "line": number})
                 elif kind == "queue":
-                    queue.append((field(record, "left", as_item_id), field(record, "right", as_item_id)))
+                    pair = field(record, "left", as_item_id), field(record, "right", as_item_id)
+                    if pair[0] == pair[1]:
+                        raise ScoreactionError(f"a queued pair needs two different items, found {pair[0]} twice")
+                    queue.append((*pair, number))
                 else:
                     raise ScoreactionError(f"type must be 'item', 'comparison' or 'queue', found {shown(kind)}")
             except (TypeError, ValueError, binascii.Error) as err:
@@ -103,6 +107,16 @@ def read_jsonl(path: Path) -> tuple[list, list, list]:
     if not items and not comparisons and not queue and path.stat().st_size == 0:
         raise ScoreactionError(f"import file {str(path)!r} is empty")
     return items, comparisons, queue
+
+
+def unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys each appear once (parsers disagree on which of two values wins)."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {twice!r} appears twice in one object")
+    return record
 
 
 def field(record: dict, name: str, check):
@@ -143,6 +157,9 @@ def read_item(record: dict) -> tuple:
     if hashlib.sha256(data).hexdigest() != field(record, "sha256", _sha256):
         raise ScoreactionError("field 'npy' does not match its sha256")
     array = field(record, "npy", lambda _: npy_load(data))
+    for name, value in (("shape", list(array.shape)), ("dtype", array.dtype.str)):
+        if name in record and record[name] != value:
+            raise ScoreactionError(f"field {name!r} must be {value!r}, what its npy holds, found {shown(record[name])}")
     model = field(record, "model", _text) if "model" in record else ""
     return (field(record, "id", as_item_id), array, field(record, "task", lambda v: check_name(v, "task")),
             field(record, "condition", check_condition), model, field(record, "created", _timestamp))
@@ -184,18 +201,29 @@ def import_jsonl(store: PreferenceStore, path: str | os.PathLike) -> dict:
             ids[old_id], new = store._insert_item(con, array, task, condition, model, created)
             added += new
 
-        def local(old, what):
+        def local(old, what, line):
             if old not in ids:
-                raise ScoreactionError(f"import file {str(path)!r}: {what} refers to item {old!r}, "
-                                       f"which it does not hold")
+                raise ScoreactionError(f"import file {str(path)!r} line {line}: {what} refers to item {old!r}, "
+                                       f"which the file does not hold")
             return ids[old]
 
-        new_comparisons = [check_comparison({**row, "left": local(row["left"], "a comparison"),
-                                             "right": local(row["right"], "a comparison")})
-                           for row in comparisons
-                           if not con.execute("SELECT 1 FROM comparisons WHERE uid = ?", (row["uid"],)).fetchone()]
+        new_comparisons, uids = [], {}
+        for row in comparisons:
+            line = row.pop("line")
+            answer = check_comparison({**row, "left": local(row["left"], "the comparison", line),
+                                       "right": local(row["right"], "the comparison", line)})
+            stored = con.execute("SELECT left, right, choice, labeler FROM comparisons WHERE uid = ?",
+                                 (row["uid"],)).fetchone() or uids.get(row["uid"])
+            if stored is not None and tuple(stored) != answer[1:5]:
+                raise ScoreactionError(f"import file {str(path)!r} line {line}: comparison uid {row['uid']} is "
+                                       f"already stored as {tuple(stored)} (left, right, choice, labeler); this "
+                                       f"line says {answer[1:5]}")
+            if stored is None:
+                new_comparisons.append(answer)
+                uids[row["uid"]] = answer[1:5]
         store._insert_comparisons(con, new_comparisons)
-        queued = store._enqueue(con, [(local(a, "the queue"), local(b, "the queue")) for a, b in queue])
+        queued = store._enqueue(con, [(local(a, "the queue", line), local(b, "the queue", line))
+                                      for a, b, line in queue])
     return {"items_added": added, "items_existing": len(items) - added, "comparisons_added": len(new_comparisons),
             "comparisons_existing": len(comparisons) - len(new_comparisons), "queue_added": queued}
 

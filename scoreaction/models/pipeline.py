@@ -78,13 +78,16 @@ class Prompts:
 
     @torch.no_grad()
     def _encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The encoders' embeddings of `texts`; what the libraries print meanwhile (a long prompt's truncation
+        warning) is held back unless --verbose."""
         device = self.pipe.text_encoder.device if self.pipe.text_encoder is not None else "cpu"
-        if self.family == "unet":
-            emb, _ = self.pipe.encode_prompt(texts, device, 1, False)
-            return {"encoder_hidden_states": emb}
-        emb, _, pooled, _ = self.pipe.encode_prompt(texts, texts, texts, device=device, num_images_per_prompt=1,
-                                                    do_classifier_free_guidance=False, max_sequence_length=77)
-        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
+        with library_output():
+            if self.family == "unet":
+                emb, _ = self.pipe.encode_prompt(texts, device, 1, False)
+                return {"encoder_hidden_states": emb}
+            emb, _, pooled, _ = self.pipe.encode_prompt(texts, texts, texts, device=device, num_images_per_prompt=1,
+                                                        do_classifier_free_guidance=False, max_sequence_length=77)
+            return {"encoder_hidden_states": emb, "pooled_projections": pooled}
 
     def add(self, texts: list[str]) -> list[int]:
         """Encode the prompts not seen before, ENCODE_BATCH at a time; refused before the first batch when

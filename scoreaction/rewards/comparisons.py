@@ -122,9 +122,11 @@ def load_comparisons(path: str | os.PathLike) -> Comparisons:
         raise ValueError(f"comparisons file {str(path)!r} lacks tensor {missing[0]!r}; "
                          f"expected left, right, choice[, cond], found {sorted(tensors)}")
     try:
-        return Comparisons(tensors["left"], tensors["right"], tensors["choice"], tensors.get("cond"))
+        comparisons = Comparisons(tensors["left"], tensors["right"], tensors["choice"], tensors.get("cond"))
+        check_finite(comparisons)
     except ValueError as err:
         raise ValueError(f"comparisons file {str(path)!r}: {err}") from None
+    return comparisons
 
 
 def check_finite(comparisons: Comparisons) -> None:
@@ -139,12 +141,17 @@ def check_finite(comparisons: Comparisons) -> None:
 
 # --- evaluation ------------------------------------------------------------------------------------
 
+MAX_BINS = 10_000
+
+
 def calibration(prob: torch.Tensor, target: torch.Tensor, bins: int = 10) -> tuple[float, list[dict]]:
     """Expected calibration error of P(left preferred) over `bins` equal-width probability bins,
     ECE = sum_b (n_b / n) |mean prob_b - mean target_b|, and the reliability table (one row per
     non-empty bin: lo, hi, count, mean predicted, observed frequency of left)."""
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive integer, found {bins!r}")
+    if bins > MAX_BINS:
+        raise ValueError(f"bins must be at most {MAX_BINS} (each bin is a row of the table), found {bins}")
     prob, target = prob.double().reshape(-1), target.double().reshape(-1)
     which = (prob * bins).floor().clamp(0, bins - 1).long()
     ece, table = 0.0, []

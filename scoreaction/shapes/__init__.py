@@ -6,6 +6,9 @@ ground-truth scenes, and a GenEval-style checker of images against them (docs/sh
     checker     detect objects, score an image against a caption (binary and partial), summarise
     validation  the checker's accuracy on ground truth and on other captions
     reward      `geneval` / `geneval:binary` as an image reward of text-to-image tasks
+    vocab       the model's tokenizer: CLIP's BPE with each word of the grammar one token
+    pretrain    `scoreaction pretrain --task shapes`: CLIP, VAE and UNet -> a StableDiffusionPipeline folder
+    accuracy    a pipeline's checker accuracy per category on captions drawn from a split
 """
 
 from scoreaction.shapes.checker import Detection, Score, detect, evaluate, score, summarise

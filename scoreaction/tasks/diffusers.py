@@ -16,6 +16,7 @@ pipeline run the network at identical, integer timesteps.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,16 +102,34 @@ def read_prompts(prompts: str | list) -> list[str]:
             raise ScoreactionError(f"prompts must be one of {sorted(PROMPT_LISTS)} or a prompt file (one per line), "
                                    f"found {prompts!r} (no such file)")
         try:
-            texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of a prompt
         except UnicodeDecodeError:
             raise ScoreactionError(f"prompt file {prompts!r} is not UTF-8 text") from None
+        for number, line in enumerate(lines, 1):
+            check_prompt(line, f"prompt file {prompts!r} line {number}")
+        texts = [line.strip() for line in lines if line.strip()]
         if not texts:
             raise ScoreactionError(f"prompt file {prompts!r} is empty (expected one prompt per line)")
     else:
         raise ScoreactionError(f"prompts must be a name, a file or a list of strings, found {prompts!r}")
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise ScoreactionError(f"prompts must be non-empty strings, found {texts!r}")
+        raise ScoreactionError(f"prompts must be non-empty strings, found {shown(texts)}")
+    for k, text in enumerate(texts):
+        check_prompt(text, f"prompts[{k}]")
     return list(texts)
+
+
+MAX_PROMPT = 10_000  # characters; the text encoders read the first 77 tokens (a few hundred characters)
+
+
+def check_prompt(text: str, where: str) -> None:
+    """A prompt is text of at most MAX_PROMPT characters without control characters (tabs aside)."""
+    if len(text) > MAX_PROMPT:
+        raise ScoreactionError(f"{where}: a prompt must have at most {MAX_PROMPT} characters, found {len(text)}")
+    bad = next((c for c in text if unicodedata.category(c) == "Cc" and c != "\t"), None)
+    if bad is not None:
+        raise ScoreactionError(f"{where}: a prompt must be text without control characters, found {bad!r} "
+                               f"at position {text.index(bad)}")
 
 
 class LatentReward:

@@ -38,6 +38,7 @@ from scoreaction.errors import CheckpointError
 from scoreaction.io import STALE, atomic_folder, atomic_write_bytes, remove_stale
 
 FILES = ("model.safetensors", "train.safetensors", "state.json")
+FORMAT = "scoreaction-checkpoint-1"  # state.json's "format"
 LATEST = "latest"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # what `latest` may name: a folder beside it
 STEP = re.compile(r"^step-(\d+)$")
@@ -202,6 +203,12 @@ def check_state(state, where: str) -> dict:
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
             expected = "an integer >= 0" if kind is int else "a JSON object"
             raise CheckpointError(f"checkpoint file {where!r}: {key} must be {expected}, found {shown(value)}")
+    if state.get("format", FORMAT) != FORMAT:
+        raise CheckpointError(f"checkpoint file {where!r}: format must be {FORMAT!r} (what this scoreaction reads), "
+                              f"found {shown(state['format'])}")
+    if not isinstance(state.get("metrics", {}), dict):
+        raise CheckpointError(f"checkpoint file {where!r}: metrics must be a JSON object, found "
+                              f"{_json_kind(state['metrics'])}")
     if not isinstance(state["optimizer"].get("param_groups"), list):
         raise CheckpointError(f"checkpoint file {where!r}: optimizer lacks the key 'param_groups' (a list)")
     return state
@@ -276,11 +283,13 @@ def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, to
     return model, train, state
 
 
-def resolve(path: str | os.PathLike) -> Path:
+def resolve(path: str | os.PathLike, *, writing: bool = False) -> Path:
     """The checkpoint folder a path means: a checkpoint folder as it is (intact or not: loading it says),
     or for a run folder (or its checkpoints/) the newest intact checkpoint, preferring the one `latest`
     names. When that one is damaged or missing, a one-line warning on stderr says which is used instead;
-    when none is intact, a CheckpointError says why the one `latest` names is not."""
+    when none is intact, a CheckpointError says why the one `latest` names is not. `writing`: the caller
+    will write into this run (a resume), which would replace a damaged newer checkpoint, so passing over
+    one is a CheckpointError instead (naming the damage and the checkpoint to resume from explicitly)."""
     path = Path(path)
     if not path.exists():
         return path  # loading it says that it does not exist
@@ -303,6 +312,9 @@ def resolve(path: str | os.PathLike) -> Path:
         except CheckpointError as err:
             problems.append(str(err))
             continue
+        if problems and writing:
+            raise CheckpointError(f"{problems[0]}; a resume of the run would write over it: resume from "
+                                  f"{str(folder)!r} explicitly (--resume {str(folder)!r}), or repair it")
         if folder.name != named:
             _warn(f"{why or problems[0]}; using {str(folder)!r} instead")
         return folder

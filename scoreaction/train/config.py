@@ -147,6 +147,8 @@ class TrainConfig(Options):
         itemsize = 8 if self.dtype == "float64" else 4
         dim = self.task.dim if isinstance(getattr(self.task, "dim", None), int) else 1
         check_memory("steps", self.steps, dim * itemsize, f"states of {dim} x {itemsize} bytes")
+        if self.eval_steps is not None:
+            check_memory("eval_steps", self.eval_steps, dim * itemsize, f"states of {dim} x {itemsize} bytes")
         for name in ("batch_size", "rollout_batch", "micro_batch", "eval_n"):
             if getattr(self, name) is not None:
                 check_memory(name, getattr(self, name), dim * (self.steps + 1) * itemsize,

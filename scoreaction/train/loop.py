@@ -40,12 +40,13 @@ from scoreaction.algorithms import Batch, make_algorithm
 from scoreaction.config import merge, shown
 from scoreaction.errors import CheckpointError, ScoreactionError
 from scoreaction.evaluation import objective
-from scoreaction.io import RUN, atomic_write_bytes, claim_folder, same_path
+from scoreaction.io import atomic_write_bytes
+from scoreaction.outputs import RUN, claim_folder, same_path
 from scoreaction.policy import ScoreAsAction
 from scoreaction.rewards.images import imports_only
 from scoreaction.tasks import make_task
 from scoreaction.train import checkpoint
-from scoreaction.train.board import Board
+from scoreaction.train.logs import Board, cut_log
 from scoreaction.train.config import TrainConfig, resolve_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -282,6 +283,11 @@ class Trainer:
             first = (self.resumed_from or 0) + 1
             raise NonFiniteUpdates(f"no update of the run ({first}..{self.step}) changed the weights: every reward or "
                                    f"optimiser step was non-finite; no checkpoint written")
+        if self.skipped_in_row:
+            first = self.step - self.skipped_in_row + 1
+            raise NonFiniteUpdates(f"the run ended with {self.skipped_in_row} update(s) in a row ({first}..{self.step}) "
+                                   f"that changed no weight (a non-finite reward or optimiser step): its final weights "
+                                   f"give non-finite values; no final checkpoint written")
 
     def memory(self) -> dict:
         """Peak memory since the last call: the device's allocator on CUDA, and the process's resident set."""
@@ -322,7 +328,7 @@ class Trainer:
             train.update(tensors)
         extra_tensors, extra_meta = self.algorithm.extra_state()
         train.update({f"extra.{k}": v for k, v in extra_tensors.items()})
-        state = {"format": "scoreaction-checkpoint-1", "config": self.config.to_dict(), "step": self.step,
+        state = {"format": checkpoint.FORMAT, "config": self.config.to_dict(), "step": self.step,
                  "trajectories": self.trajectories, "metrics": metrics or {}, "optimizer": opt_meta,
                  "algorithm_optimizers": algo_opt_meta, "algorithm_extra": extra_meta}
         if getattr(self.task, "weights_digest", None) is not None:
@@ -411,7 +417,7 @@ class Trainer:
             lock.release()
 
     def claim_run_dir(self):
-        """Lock the run folder for this process (io.FolderLock; a second writer is refused). A resume continues
+        """Lock the run folder for this process (outputs.FolderLock; a second writer is refused). A resume continues
         its own run folder; a fresh run (or a resume into another folder) takes a new or empty one, or
         replaces an existing run folder where `overwrite` says so, never a folder of anything else."""
         if self.run_dir is None:
@@ -427,7 +433,7 @@ class Trainer:
         if self.resumed_from is None or not (self.run_dir / "config.json").exists():
             atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
         if self.resumed_from is not None:
-            self.cut_log(self.resumed_from)
+            cut_log(self.run_dir / "metrics.jsonl", self.resumed_from)
             with open(self.run_dir / "resumes.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.resumed_from, "changes": self.resume_changes}) + "\n")
         log = open(self.run_dir / "metrics.jsonl", "a")
@@ -471,22 +477,6 @@ class Trainer:
         self.check_changed()
         self.world.barrier()
         return last
-
-    def cut_log(self, step: int) -> None:
-        """Drop metrics.jsonl lines after `step` (written after the checkpoint a resume starts from, or torn by
-        a kill), so that a resumed run's log has each step once."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                kept.append(line)
-        atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
 
 
 def synchronize(device: torch.device) -> None:

@@ -89,7 +89,7 @@ def test_every_stage_leaves_its_files(quick):
 
 def test_a_rerun_replaces_the_folder_and_refuses_others(quick, tmp_path):
     from scoreaction.experiments.quickstart import OUTPUT
-    from scoreaction.io import check_output
+    from scoreaction.outputs import check_output
 
     out, _ = quick
     assert OUTPUT.recognises(out)  # what `make run` run twice replaces

@@ -98,6 +98,31 @@ def undone_by_another(client, store):
     return pair
 
 
+def skipped(client, store):
+    pair = next_pair(client)
+    assert post(client, pair, choice="skip").status_code == 200  # a skip is an answer
+    return pair
+
+
+def undone_then_asked_of_another(client, store):
+    pair = already_answered(client, store)
+    client.post("/api/undo", headers=client.labelers["ann"])  # served again to ann, never to bob
+    client.labelers = {**client.labelers, "ann": client.labelers["bob"]}  # the answer comes with bob's token
+    return pair
+
+
+def pushed_out_by_a_flood(client, store):
+    store.clear_queue()  # random pairs: every GET /api/next serves another one
+    first = next_pair(client)
+    for _ in range(3 * MAX_SERVED):
+        next_pair(client)
+    con = sqlite3.connect(store.path)
+    waiting = con.execute("SELECT low, high FROM served WHERE labeler = 'ann'").fetchall()
+    con.close()
+    assert len(waiting) == MAX_SERVED and tuple(sorted(first)) not in waiting  # forgotten
+    return first
+
+
 def served_just_now(client, store):
     return next_pair(client)
 
@@ -136,6 +161,10 @@ REFUSED = [
     ("already answered, sides swapped", 0, already_answered_reversed, 409, "already answered"),
     ("answered by a simulation", 0, answered_by_simulation, 409, "already answered"),
     ("answered, another labeler undid", 0, undone_by_another, 409, "already answered"),
+    ("skipped, then answered", 0, skipped, 409, "already answered"),
+    ("undone by its labeler, answered by another", 0, undone_then_asked_of_another, 409,
+     "not awaiting an answer from labeler 'bob'"),
+    ("pushed out by a flood of GET /api/next", 0, pushed_out_by_a_flood, 409, "not awaiting an answer"),
     ("unknown item", 0, lambda client, store: (1, 999), 422, "unknown item id 999"),
     ("answered at once", LONG, served_just_now, 429, "ms after the pair was shown"),
     ("too soon after the previous answer", LONG, too_soon_after_previous, 429, "ms after the previous answer"),

@@ -1,10 +1,13 @@
-"""TensorBoard logging of a training run."""
+"""A training run's logs: metrics.jsonl (cut back on resume) and TensorBoard."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+
+from scoreaction.io import atomic_write_bytes
 
 
 class Board:
@@ -28,3 +31,19 @@ class Board:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def cut_log(path: Path, step: int) -> None:
+    """Drop the lines of a metrics.jsonl after `step` (written after the checkpoint a resume starts from, or
+    torn by a kill), so that a resumed run's log has each step once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
