@@ -64,3 +64,16 @@ def print_table(values: dict, keys=None) -> None:
         if key in values:
             value = values[key]
             print(f"{key:22s} {value:.5g}" if isinstance(value, float) else f"{key:22s} {value}")
+
+
+def check_sizes(n: int | None, steps: int | None) -> None:
+    """`--n` samples and `--steps` solver steps of sample/evaluate, where given (None: the task's or run's own):
+    positive, and within what this machine can hold."""
+    from scoreaction.config import check_positive_int, check_samples, check_steps
+
+    if steps is not None:
+        check_positive_int("steps", steps)
+        check_steps("steps", steps)
+    if n is not None:
+        check_positive_int("n", n)
+        check_samples("n", n, ())

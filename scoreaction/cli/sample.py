@@ -11,23 +11,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from scoreaction.cli.common import add_run_switches, fmt_vec, save_npz, set_threads
+from scoreaction.cli.common import add_run_switches, check_sizes, fmt_vec, save_npz, set_threads
 from scoreaction.cli.options import add_config_args, add_options, assemble, checkpoint_overrides, section
 from scoreaction.config import (
     Options,
     check_choice,
     check_flag,
     check_nonnegative,
-    check_positive_int,
     check_samples,
     check_seed,
-    check_steps,
     option,
 )
 from scoreaction.errors import ScoreactionError
 from scoreaction.io import image_grid, save_png
-from scoreaction.outputs import SAMPLES, check_output
 from scoreaction.metrics import fit_gaussian, gaussian_kl, mean_and_se
+from scoreaction.outputs import SAMPLES, check_output
 from scoreaction.samplers import GRIDS, SOLVERS, get_solver
 from scoreaction.tasks import TASKS, make_task, task_config
 from scoreaction.train.config import check_device, resolve_device
@@ -64,12 +62,7 @@ class SampleConfig(Options):
         check_seed("seed", self.seed)
         check_choice("grid", self.grid, (*GRIDS, "scheduler"))
         check_device(self.device)
-        if self.steps is not None:
-            check_positive_int("steps", self.steps)
-            check_steps("steps", self.steps)
-        if self.n is not None:
-            check_positive_int("n", self.n)
-            check_samples("n", self.n, ())
+        check_sizes(self.n, self.steps)
         if self.eta is not None:
             check_nonnegative("eta", self.eta)
         if self.policy is None:

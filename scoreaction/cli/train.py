@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from scoreaction import distributed
-from scoreaction.cli.common import add_run_switches, print_table, set_threads
+from scoreaction.cli.common import add_run_switches, check_sizes, print_table, set_threads
 from scoreaction.cli.options import add_config_args, add_options, assemble, checkpoint_overrides, section
-from scoreaction.config import Options, check_positive_int, check_samples, check_steps, option
+from scoreaction.config import Options, check_samples, option
 from scoreaction.errors import ScoreactionError
 from scoreaction.evaluation import objective, solver_gain
 from scoreaction.outputs import RUN, FolderLock, check_output, same_path
@@ -79,12 +79,7 @@ class EvaluateConfig(Options):
         if self.checkpoint is None:
             raise ValueError("--checkpoint is required (a checkpoint folder or a run folder)")
         get_solver(self.solver)
-        if self.steps is not None:
-            check_positive_int("steps", self.steps)
-            check_steps("steps", self.steps)
-        if self.n is not None:
-            check_positive_int("n", self.n)
-            check_samples("n", self.n, ())
+        check_sizes(self.n, self.steps)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
