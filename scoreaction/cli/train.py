@@ -56,11 +56,11 @@ def check_resume_out(resume: str, out: str | None, overwrite: bool) -> None:
     run = run_folder(resume)
     if out is not None and (run is None or not same_path(out, run)):
         check_output(out, RUN, overwrite=overwrite)
-    elif run is not None:
-        resolve(resume, writing=True)  # never past a damaged newer checkpoint of the run it writes into
     target = out if out is not None else run
     if target is not None:
         FolderLock.check(target, "run folder")
+    if run is not None and (out is None or same_path(out, run)):
+        resolve(resume, writing=True)  # damaged newer checkpoints of the run it writes into are kept aside
 
 
 @dataclass

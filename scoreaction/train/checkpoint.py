@@ -288,8 +288,8 @@ def resolve(path: str | os.PathLike, *, writing: bool = False) -> Path:
     or for a run folder (or its checkpoints/) the newest intact checkpoint, preferring the one `latest`
     names. When that one is damaged or missing, a one-line warning on stderr says which is used instead;
     when none is intact, a CheckpointError says why the one `latest` names is not. `writing`: the caller
-    will write into this run (a resume), which would replace a damaged newer checkpoint, so passing over
-    one is a CheckpointError instead (naming the damage and the checkpoint to resume from explicitly)."""
+    will write into this run (a resume), which would replace the damaged newer checkpoints it passes over,
+    so each is first renamed to `.NAME.damaged` beside it (kept for the user; the warning says so)."""
     path = Path(path)
     if not path.exists():
         return path  # loading it says that it does not exist
@@ -305,18 +305,22 @@ def resolve(path: str | os.PathLike, *, writing: bool = False) -> Path:
     named, why = _latest_name(checkpoints)
     if named is not None and not (checkpoints / named).is_dir():
         why = f"checkpoint {str(checkpoints / named)!r} that {LATEST} names is missing"
-    problems = []
+    problems, damaged = [], []
     for folder in _candidates(checkpoints, named):
         try:
             check_folder(folder)
         except CheckpointError as err:
             problems.append(str(err))
+            damaged.append(folder)
             continue
-        if problems and writing:
-            raise CheckpointError(f"{problems[0]}; a resume of the run would write over it: resume from "
-                                  f"{str(folder)!r} explicitly (--resume {str(folder)!r}), or repair it")
+        kept = ""
+        if writing and damaged:
+            for bad in damaged:
+                os.replace(bad, bad.with_name(f".{bad.name}.damaged"))
+            mark_latest(path, folder.name)  # so that loading it next says nothing more
+            kept = f" (the damaged {'ones are' if len(damaged) > 1 else 'one is'} kept as .NAME.damaged)"
         if folder.name != named:
-            _warn(f"{why or problems[0]}; using {str(folder)!r} instead")
+            _warn(f"{why or problems[0]}; using {str(folder)!r} instead{kept}")
         return folder
     if not problems:
         raise CheckpointError(f"run folder {str(path)!r} has no checkpoint ({why or 'checkpoints/ is empty'})")

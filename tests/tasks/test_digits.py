@@ -184,7 +184,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing config.json" in err
     assert main(["pretrain", "--task", "gaussian", "--out", str(tmp_path / "x")]) == 2
-    assert "task must be one of ['digits']" in capsys.readouterr().err
+    assert "task must be one of ['digits', 'shapes']" in capsys.readouterr().err
 
 
 # --- rewards by name, and the residual action with a cached pretrained score --------------------------
