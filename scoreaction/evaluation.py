@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from scoreaction.errors import ScoreactionError
 from scoreaction.metrics import fit_gaussian, gaussian_kl, sliced_wasserstein
 from scoreaction.policy import ScoreAsAction
 from scoreaction.samplers import get_solver
@@ -17,18 +18,74 @@ from scoreaction.samplers import get_solver
 
 @torch.no_grad()
 def sample_with(policy: ScoreAsAction, task, solver: str, steps: int, n: int, seed: int, *, grid: str = "uniform",
-                eta: float | None = None, pretrained: bool = False, dtype=torch.float32):
-    """Terminal samples and rewards of the policy (or of the pretrained model) under a solver."""
+                eta: float | None = None, pretrained: bool = False, dtype=torch.float32, cond: torch.Tensor | None = None):
+    """Terminal samples and rewards of the policy (or of the pretrained model) under a solver; `cond` (n,)
+    replaces the task's draw of conditions (the prior draws and the noise are the same either way)."""
     sol = get_solver(solver)
     eta = sol.default_eta if eta is None else eta
     gen = torch.Generator().manual_seed(seed)
-    x0, cond = task.start(n, generator=gen, dtype=dtype)
+    x0, drawn = task.start(n, generator=gen, dtype=dtype)
+    cond = drawn if cond is None else cond
     device = getattr(task, "device", torch.device("cpu"))
     x0, cond = x0.to(device), None if cond is None else cond.to(device)
     ts = task.grid(grid, steps, generator=gen)
     score = task.pretrained if pretrained else policy.score
     x = sol.sample(task.path, score, x0, ts, cond=cond, eta=eta, generator=gen)
     return x, task.reward(x, cond)
+
+
+def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """The mean of a - b and its standard error, a and b paired by sample."""
+    diff = (a - b).double()
+    return float(diff.mean()), float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+
+
+@torch.no_grad()
+def prompt_gain(policy: ScoreAsAction | None, task, texts: list[str], per_prompt: int, solver: str, steps: int,
+                seed: int = 0, *, batch: int = 64, **kw) -> dict:
+    """`per_prompt` images of each prompt of `texts` from the policy and from the pretrained model on the same
+    noise (batch k of `batch` images from seed + k): each model's mean reward and the paired gain. Where every
+    prompt is a caption of the shapes grammar, also GenEval's report of each model's images (accuracy per
+    category, overall = their mean, checker.summarise) and the paired gains with standard errors. Without a
+    policy, the pretrained model's figures only. A text-to-image task (task.add_prompts, task.images)."""
+    from scoreaction.shapes.grammar import category, parse
+
+    ids = task.add_prompts(texts).repeat_interleave(per_prompt)
+    models = {"pretrained": True} if policy is None else {"policy": False, "pretrained": True}
+    rewards, images = {m: [] for m in models}, {m: [] for m in models}
+    for k, chunk in enumerate(ids.split(batch)):
+        for m, pretrained in models.items():
+            x, r = sample_with(policy, task, solver, steps, len(chunk), seed + k, cond=chunk, pretrained=pretrained,
+                               **kw)
+            rewards[m].append(r.float().cpu())
+            images[m].append(task.images(x).cpu())
+    rewards = {m: torch.cat(v) for m, v in rewards.items()}
+    out = {"prompts": len(texts), "per_prompt": per_prompt, "n": len(ids), "solver": solver, "steps": steps,
+           **{f"reward_{m}" if m == "pretrained" else "reward": float(r.mean()) for m, r in rewards.items()}}
+    if policy is not None:
+        out["gain"], out["gain_se"] = paired(rewards["policy"], rewards["pretrained"])
+    try:
+        specs = {t: parse(t) for t in texts}
+    except ScoreactionError:
+        return out  # not captions of the shapes grammar: the reward only
+    from scoreaction.shapes.checker import score, summarise
+
+    caption = [task.prompts.texts[i] for i in ids.tolist()]
+    cats = [category(specs[c]) for c in caption]
+    binary = {}
+    for m, chunks in images.items():
+        pixels = (torch.cat(chunks) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        binary[m] = torch.tensor([score(p, specs[c]).binary for p, c in zip(pixels, caption)])
+        out[f"accuracy_{m}" if m == "pretrained" else "accuracy"] = summarise(cats, binary[m].tolist())
+    if policy is not None:
+        gains = {}
+        for c in out["accuracy"]["per_category"]:
+            rows = torch.tensor([k for k, cat in enumerate(cats) if cat == c])
+            gains[c] = dict(zip(("gain", "se"), paired(binary["policy"][rows], binary["pretrained"][rows])))
+        se = math.sqrt(sum(g["se"] ** 2 for g in gains.values())) / len(gains)  # categories: disjoint samples
+        out["accuracy_gain"] = {"overall": {"gain": sum(g["gain"] for g in gains.values()) / len(gains), "se": se},
+                                "per_category": gains}
+    return out
 
 
 def solver_gain(policy: ScoreAsAction, task, solver: str, steps: int, n: int = 4096, seed: int = 0, **kw) -> dict:

@@ -15,6 +15,7 @@ from scoreaction.config import Options, check_flag, option
 from scoreaction.io import atomic_folder
 from scoreaction.outputs import EXPORTED_PIPELINE, check_output
 from scoreaction.models.pipeline import save_lora, save_merged
+from scoreaction.models.pipeline_load import model_folder
 
 
 @dataclass
@@ -45,7 +46,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     task = trainer.task
     if task.name != "diffusers":
         raise ValueError(f"export writes diffusers weights: the run's task must be 'diffusers', found {task.name!r}")
-    check_output(cfg.out, EXPORTED_PIPELINE, overwrite=cfg.overwrite, inputs=(cfg.checkpoint, task.config.model))
+    check_output(cfg.out, EXPORTED_PIPELINE, overwrite=cfg.overwrite, inputs=(cfg.checkpoint, str(model_folder(task.config.model))))
     if not cfg.merged and task.config.lora_rank == 0:
         raise ValueError("the run fine-tuned every weight (lora_rank 0): there is no LoRA to export; use --merged")
     with atomic_folder(cfg.out, replace=cfg.overwrite) as tmp:

@@ -5,6 +5,8 @@
                      to 6 digits (000001.png), seed (--seed, N)
     shapes check     score a folder of images against a prompt file: per image, per category, overall
     shapes validate  the checker's validation figures (scoreaction/shapes/validation.py)
+    shapes accuracy  a pipeline's checker accuracy per category on the train and heldout splits, sampled by
+                     stock diffusers (shapes/pretrain.evaluate); --record writes it into a shapes folder's record
 
 `check` matches images to prompt lines by name: IMAGE = N.EXT or N-K.EXT (K-th image of line N, any
 number per line), N the 1-based line number (any zero padding), EXT png, jpg or jpeg; other names are
@@ -87,6 +89,25 @@ class ValidateOptions(Options):
         check_size(self.size)
         if not isinstance(self.degraded, bool):
             raise ScoreactionError(f"degraded must be true or false, found {self.degraded!r}")
+
+
+@dataclass
+class AccuracyOptions(Options):
+    model: str = option("shapes", help="a StableDiffusionPipeline folder, or shapes (the shipped one)")
+    per_category: int = option(50, help="captions per category of each split")
+    steps: int = option(20, help="DDIM steps of the pipeline's own scheduler")
+    guidance: float = option(5.0, help="classifier-free guidance")
+    seed: int = option(0, help="captions drawn and noise from this seed")
+    record: bool = option(False, help="write the figures into the folder's pretrain.json (a shapes model's "
+                                      "record, e.g. after a change of the checker)")
+
+    def __post_init__(self):
+        check_text("model", self.model)
+        for name in ("per_category", "steps"):
+            check_positive_int(name, getattr(self, name))
+        check_seed("seed", self.seed)
+        if not 0 < self.guidance <= 100:
+            raise ScoreactionError(f"guidance must be in (0, 100], found {self.guidance!r}")
 
 
 def read_options(args: argparse.Namespace, cls):
@@ -190,6 +211,31 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_accuracy(args) -> int:
+    from scoreaction.models.pipeline_load import load_pipeline, model_folder
+    from scoreaction.shapes import pretrain
+
+    opts = read_options(args, AccuracyOptions)
+    folder = model_folder(opts.model)
+    if opts.record and not (folder / pretrain.RECORD).is_file():
+        raise ScoreactionError(f"--record writes into a shapes model's {pretrain.RECORD}; {str(folder)!r} has none")
+    load_pipeline(str(folder))  # checked component by component first: bad folders are one line
+    cfg = pretrain.ShapesPretrainConfig(eval_per_category=opts.per_category, eval_steps=opts.steps,
+                                        eval_guidance=opts.guidance)
+    metrics = pretrain.evaluate(folder, cfg, opts.seed)
+    if opts.record:
+        pretrain.write_metrics(folder, metrics, "scoreaction shapes accuracy " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in opts.to_dict().items() if k not in ("record",)) + " --record")
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for split in ("train", "heldout"):
+            m = metrics[split]
+            per = ", ".join(f"{c} {v:.3f}" for c, v in m["per_category"].items())
+            print(f"{split}: overall {m['overall']:.3f} ({per}); partial {m['partial']:.3f}")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("shapes", help="the shapes world: captions, ground-truth scenes, the GenEval-style checker")
     ssub = p.add_subparsers(dest="shapes_command", metavar="ACTION", parser_class=type(p), required=True)
@@ -209,3 +255,5 @@ def register(sub) -> None:
         "category and overall (GenEval)", cmd_check, CheckOptions, json_flag=True)
     add("validate", "the checker's accuracy on ground truth and on other captions of each category", cmd_validate,
         ValidateOptions, json_flag=True)
+    add("accuracy", "a pipeline's checker accuracy per category (train and heldout captions, stock diffusers "
+        "sampling)", cmd_accuracy, AccuracyOptions, json_flag=True)

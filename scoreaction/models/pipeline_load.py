@@ -17,6 +17,14 @@ from torch import nn
 from scoreaction.errors import ScoreactionError
 
 TINY = ("tiny-sd", "tiny-sd3")
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+NAMED = {"shapes": ASSETS / "shapes"}  # pipelines shipped in the package (docs/shapes.md), by name
+
+
+def model_folder(model: str) -> Path:
+    """The folder of a pipeline named by `model`: a shipped one by name (NAMED), else the path itself."""
+    return NAMED.get(model, Path(model))
+
 
 # --- loading -------------------------------------------------------------------------------------
 
@@ -71,9 +79,13 @@ def load_pipeline(model: str, *, seed: int = 0, dtype: torch.dtype = torch.float
         with library_output():
             pipe = build_tiny(model, seed)
         return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
-    folder = Path(model)
+    folder = model_folder(model)
+    if model in NAMED and not (folder / "model_index.json").is_file():
+        raise ScoreactionError(f"the shipped {model!r} pipeline is missing from this installation (expected "
+                               f"{folder}/model_index.json): reinstall scoreaction")
     if not folder.exists():
-        raise ScoreactionError(f"model must be a local diffusers pipeline folder or one of {TINY}, "
+        raise ScoreactionError(f"model must be a local diffusers pipeline folder, one of {TINY} or "
+                               f"{tuple(NAMED)}, "
                                f"found {model!r} (no such folder)")
     if not (folder / "model_index.json").is_file():
         raise ScoreactionError(f"model folder {model!r} is not a diffusers pipeline (expected model_index.json in it)")
@@ -302,7 +314,7 @@ def weights_digest(model: str, pipe=None) -> str:
                     digest.update(f"{name}.{key} {t.dtype} {tuple(t.shape)}\n".encode())
                     digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return f"sha256:{digest.hexdigest()}"
-    root = Path(model)
+    root = model_folder(model)
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
         digest.update(f"{path.relative_to(root).as_posix()} {path.stat().st_size}\n".encode())
         with open(path, "rb") as fh:

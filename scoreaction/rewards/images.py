@@ -14,6 +14,7 @@ Specs:
       x100, not clipped at 0), CLIP from the folder DIR (CLIPModel + tokenizer + preprocessor_config.json).
       The preprocessing (resize the shortest edge, bicubic with antialias; centre crop; normalise with
       the processor's mean and std) is done with torch ops, so the reward is differentiable.
+      clip:shapes is the CLIP of the shipped shapes pipeline (docs/shapes.md).
   aesthetic:DIR    a LAION-style aesthetic predictor: a stack of Linear layers (no activations, as
       LAION's v2 predictor) on the normalised CLIP image embedding. DIR holds the CLIP model (as for
       clip:DIR) AND aesthetic_head.safetensors (keys "{i}.weight" (out, in), "{i}.bias" of the i-th
@@ -440,7 +441,9 @@ def make_image_reward(spec: str, *, prompts: list[str] | None = None, device: st
         if not arg:
             raise ValueError(f"reward {name!r} needs a folder: expected '{name}:DIR', found {spec!r}")
         if name == "clip":
-            return CLIPScore(arg, prompts, spec, **options)
+            from scoreaction.models.pipeline_load import NAMED
+            folder = str(NAMED[arg] / "clip") if arg in NAMED else arg  # clip:shapes: the shipped CLIP
+            return CLIPScore(folder, prompts, spec, **options)
         return (AestheticScore if name == "aesthetic" else LearnedReward)(arg, spec, **options)
     if name == "geneval":
         from scoreaction.shapes.reward import GenEvalReward

@@ -2,6 +2,7 @@
 generate with the pipeline's own sampler, score with the checker, report as GenEval (checker.summarise).
 
     draw_captions(split, per_category, seed)      `per_category` captions of each category of a split
+    prompt_set(split, per_category, seed)         as many distinct captions (fewer where a category has fewer)
     pipeline_accuracy(pipe, captions, ...)         summarise(...) of the pipeline's images of those captions
 """
 
@@ -24,6 +25,18 @@ def draw_captions(split: str = "train", per_category: int = 50, seed: int = 0) -
     out = []
     for specs in pool(split).values():
         out += [specs[i].caption for i in rng.integers(len(specs), size=per_category)]
+    return out
+
+
+def prompt_set(split: str = "train", per_category: int = 8, seed: int = 0) -> list[str]:
+    """Up to `per_category` distinct captions of each category of `split` (all of a smaller category), drawn
+    without replacement from numpy's default_rng(seed); categories in CATEGORIES order. The built-in prompt lists
+    shapes-train and shapes-heldout of the diffusers task are prompt_set(split, 8, 0)."""
+    check_positive_int("per_category", per_category)
+    rng = np.random.default_rng(seed)
+    out = []
+    for specs in pool(split).values():
+        out += [specs[i].caption for i in sorted(rng.permutation(len(specs))[:per_category])]
     return out
 
 
@@ -51,4 +64,4 @@ def pipeline_accuracy(pipe, captions: list[str], *, steps: int = 20, guidance: f
     return report
 
 
-__all__ = ["draw_captions", "pipeline_accuracy"]
+__all__ = ["draw_captions", "pipeline_accuracy", "prompt_set"]

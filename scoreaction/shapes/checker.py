@@ -17,9 +17,13 @@ group of the caption, the `count` largest objects of its shape are "found"; the 
   - (position) each found object of the first group bears the relation to each of the second, by
     GenEval's relative position of boxes (geometry.relations: offset shrunk by 0.1 x the extents, a
     component past 0.5 of the offset's length);
-  - (counting) no more than `count` objects of the shape exist.
+  - (counting) no more than `count` objects of the shape exist;
+  - nothing else: the image holds no more objects (of any shape or none, at least `min_area` pixels) than
+    the caption names. GenEval's detector ignores clutter below its confidence threshold; the scenes of
+    this world hold exactly the objects their caption names, and without this check an image of noise,
+    whose many blobs include some shape, would pass single_object and two_object.
 The binary score is 1 when every check holds (GenEval's 'correct'); the partial score is the mean credit
-of the checks: found/count for the first, right colours/count for the second, 1 or 0 for the others.
+of the checks: found/count for the first, right colours/count for the second, 1 or 0 for the relation and at-most-count, named/found for nothing-else.
 `summarise` aggregates binary scores as GenEval reports them: accuracy per category, and their mean.
 """
 
@@ -223,6 +227,9 @@ def evaluate(detections: list[Detection], caption_or_spec: str | Spec) -> Score:
         g = spec.objects[0]
         n = len(by_shape[g.shape])
         checks.append((f"at most {g.count} {g.shape}: found {n}", float(n <= g.count)))
+    named = sum(g.count for g in spec.objects)
+    checks.append((f"nothing else: {len(detections)} objects for {named} named",
+                   min(1.0, named / len(detections)) if detections else 1.0))
     credits = [c for _, c in checks]
     return Score(float(all(c == 1.0 for c in credits)), float(np.mean(credits)), tuple(checks))
 

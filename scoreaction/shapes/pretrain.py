@@ -368,6 +368,15 @@ def evaluate(folder: str | os.PathLike, cfg: ShapesPretrainConfig, seed: int = 0
                 for split in ("train", "heldout")}
 
 
+def write_metrics(folder: str | os.PathLike, metrics: dict, how: str) -> dict:
+    """Replace the checker figures in a shapes folder's RECORD (atomically), noting the command that made them."""
+    path = Path(folder) / RECORD
+    record = json.loads(path.read_text())
+    record["metrics"] = {**metrics, "command": how}
+    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
+    return record
+
+
 def pretrain(out: str | os.PathLike, cfg: ShapesPretrainConfig | None = None, *, seed: int = 0, quick: bool = False,
              evaluate_model: bool = True, log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
     """Train CLIP, the VAE and the UNet (module docstring), write the pipeline folder to `out` (an existing
@@ -419,4 +428,4 @@ def pretrain(out: str | os.PathLike, cfg: ShapesPretrainConfig | None = None, *,
 
 
 __all__ = ["CLIP_FOLDER", "FORMAT", "QUICK", "RECORD", "SHAPES_MODEL", "ShapesPretrainConfig", "evaluate",
-           "make_config", "pretrain"]
+           "make_config", "pretrain", "write_metrics"]

@@ -46,15 +46,16 @@ PROMPT_LISTS = {
     "animals": ["a cat", "a dog", "a horse", "a rabbit", "a fox", "an owl", "a fish", "a bear"],
     "simple": ["a red circle", "a blue square", "a green triangle", "a yellow star"],
 }
+SHAPES_PROMPTS = {"shapes-train": "train", "shapes-heldout": "heldout"}  # up to 8 captions per category (41 / 27)
 
 
 @dataclass
 class DiffusersConfig(TaskConfig):
     name: str = "diffusers"
     beta_kl: float = 0.01
-    model: str = "tiny-sd"  # a local pipeline folder, or tiny-sd / tiny-sd3 (random weights, built from configs)
+    model: str = "tiny-sd"  # a local pipeline folder, shapes (shipped), or tiny-sd / tiny-sd3 (random, from configs)
     seed: int = 0  # weights of the tiny pipelines
-    prompts: str | list = "animals"  # a built-in list (animals, simple), a prompt file (one per line), or a list
+    prompts: str | list = "animals"  # a built-in list (animals, simple, shapes-train, shapes-heldout), a prompt file (one per line), or a list
     negative_prompt: str = ""
     guidance_scale: float = 5.0
     reward: str = "jpeg_compressibility"  # see rewards/images.py: jpeg_*, clip:DIR, aesthetic:DIR, learned:DIR, pkg.mod:fn
@@ -96,10 +97,14 @@ def read_prompts(prompts: str | list) -> list[str]:
         texts = prompts
     elif isinstance(prompts, str) and prompts in PROMPT_LISTS:
         texts = PROMPT_LISTS[prompts]
+    elif isinstance(prompts, str) and prompts in SHAPES_PROMPTS:
+        from scoreaction.shapes.accuracy import prompt_set
+        texts = prompt_set(SHAPES_PROMPTS[prompts], per_category=8, seed=0)
     elif isinstance(prompts, str):
         path = Path(prompts)
         if not path.is_file():
-            raise ScoreactionError(f"prompts must be one of {sorted(PROMPT_LISTS)} or a prompt file (one per line), "
+            raise ScoreactionError(f"prompts must be one of {sorted(PROMPT_LISTS) + sorted(SHAPES_PROMPTS)} or a "
+                                   f"prompt file (one per line), "
                                    f"found {prompts!r} (no such file)")
         try:
             lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of a prompt

@@ -442,6 +442,8 @@ class Trainer:
         bar = tqdm(total=cfg.updates, initial=self.step, desc=f"{cfg.algorithm} on {self.task.name}",
                    disable=not self.progress)
         try:
+            if self.step == 0 and cfg.eval_every:  # the baseline of the curve: the pretrained policy, same seed
+                log.write(json.dumps({"step": 0, "trajectories": 0, **self.evaluate()}) + "\n")
             while self.step < cfg.updates:
                 metrics = self.update()
                 if "message" in metrics:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from scoreaction.models.pipeline import ADAPTER, build_tiny, family_of, load_pipeline, save_lora, save_merged
+from scoreaction.models.pipeline_load import NAMED
 from scoreaction.paths import Discrete
 from scoreaction.policy import ScoreAsAction, gaussian_log_prob
 from scoreaction.samplers import get_solver
@@ -157,19 +158,24 @@ def test_lora_reference_is_the_same_network_with_adapters_off():
     assert torch.equal(pre, base)
 
 
-def test_export_lora_reproduces_samples_in_stock_diffusers(tmp_path):
+@pytest.mark.parametrize("model", ["tiny-sd", "shapes"])
+def test_export_lora_reproduces_samples_in_stock_diffusers(tmp_path, model):
     """save_lora -> a fresh stock pipeline's load_lora_weights -> its own DDIM sampling (eta = 0, guidance 3) gives
-    the fine-tuned policy's samples under our DDIM solver on the scheduler grid; merged weights do too."""
+    the fine-tuned policy's samples under our DDIM solver on the scheduler grid; merged weights do too. On a random
+    pipeline and on the shipped shapes model (loaded by stock diffusers from its folder)."""
     from diffusers import StableDiffusionPipeline
 
-    task, action = perturbed_lora_task("tiny-sd")
+    task, action = perturbed_lora_task(model)
     save_lora(task.pipe, task.family, task.denoiser, tmp_path / "lora")
     save_merged(task.pipe, task.denoiser, tmp_path / "merged")
-    stock = build_tiny("tiny-sd")
+    if model == "shapes":
+        stock = StableDiffusionPipeline.from_pretrained(str(NAMED["shapes"]), local_files_only=True)
+    else:
+        stock = build_tiny(model)
     stock.load_lora_weights(str(tmp_path / "lora"))
     merged = StableDiffusionPipeline.from_pretrained(str(tmp_path / "merged"), local_files_only=True)
-    prompts = ["a cat", "a red circle"]
-    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    prompts = ["a cat", "a red circle"] if model == "tiny-sd" else ["a red circle", "a square left of a triangle"]
+    x0 = torch.randn(2, *task.shape, generator=torch.Generator().manual_seed(1))
     cond, ts = task.add_prompts(prompts), task.grid("scheduler", 6)
     with torch.no_grad():
         ours = get_solver("ddim").sample(task.path, action, x0, ts, cond=cond, eta=0.0)

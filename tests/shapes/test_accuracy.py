@@ -43,3 +43,13 @@ def test_each_image_is_scored_against_its_own_caption(swapped, expected):
     assert report["overall"] == expected and set(report["per_category"].values()) == {expected}
     assert report["n"] == {"two_object": 1, "counting": 1, "colors": 1, "position": 1}
     assert report["steps"] == 3 and report["guidance"] == 2.0
+
+
+def test_prompt_sets_hold_distinct_captions_per_category():
+    from scoreaction.shapes.accuracy import prompt_set
+    from scoreaction.shapes.grammar import captions
+
+    texts = prompt_set("train", 8, seed=0)
+    assert len(set(texts)) == len(texts) == 3 + 6 + 8 * 4  # single_object and two_object have 3 and 6 captions
+    assert [category(t) for t in texts] == sorted((category(t) for t in texts), key=CATEGORIES.index)
+    assert set(prompt_set("train", 1000)) == set(captions("train")) and prompt_set("train", 8, 1) != texts

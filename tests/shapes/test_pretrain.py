@@ -165,3 +165,26 @@ def test_overwrite_replaces_a_shapes_folder_whole(capsys, folder, tmp_path):
     record = json.loads((copy / RECORD).read_text())
     assert record["seed"] == 1 and "metrics" not in record and not (copy / "unet" / "stale.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+
+
+def test_shapes_accuracy_scores_a_folder_and_rewrites_its_record_on_request(folder, capsys, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    code, out, err = run_cli(capsys, "shapes", "accuracy", "--model", copy, "--per-category", "1", "--steps", "2",
+                             "--json")
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert list(metrics["train"]["per_category"]) == list(CATEGORIES) and metrics["train"]["steps"] == 2
+    assert "command" not in json.loads((copy / RECORD).read_text())["metrics"]  # written only with --record
+    code, out, err = run_cli(capsys, "shapes", "accuracy", "--model", copy, "--per-category", "1", "--steps", "2",
+                             "--record")
+    assert code == 0, err
+    record = json.loads((copy / RECORD).read_text())
+    assert record["metrics"]["command"].endswith("--record") and record["metrics"]["train"] == metrics["train"]
+    code, _, err = run_cli(capsys, "shapes", "accuracy", "--model", tmp_path / "none")
+    one_line_error(code, err, "no such folder")
+    (tmp_path / "bare").mkdir()
+    code, _, err = run_cli(capsys, "shapes", "accuracy", "--model", tmp_path / "bare", "--record")
+    one_line_error(code, err, "has none")

@@ -54,7 +54,7 @@ def test_safe_changes_are_recorded_and_nothing_is_rewritten(run, capsys):
     resumes = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
     assert resumes == [{"step": 2, "changes": {"updates": [2, 3], "eval_every": [20, 1]}}]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    assert steps == [0, 1, 2, 3]  # step 0: the pretrained policy's evaluation, the baseline of the curve
     code, _, err = run_cli(capsys, "train", "--resume", run, "--updates", "3", "-q")  # nothing left to do
     assert code == 0 and files(run).keys() == after.keys()
     assert (run / "checkpoints" / "step-000003" / "state.json").read_bytes() == after["checkpoints/step-000003/state.json"]
@@ -67,7 +67,7 @@ def test_resume_cuts_the_log_back_to_the_checkpoint(run, capsys):
     code, _, err = run_cli(capsys, "train", "--resume", run / "checkpoints" / "step-000001", "--updates", "3", "-q")
     assert code == 0, err
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    assert steps == [0, 1, 2, 3]  # step 0: the pretrained policy's evaluation, the baseline of the curve
 
 
 def test_a_step_that_makes_the_weights_non_finite_is_rolled_back(tmp_path, capsys):
