@@ -88,6 +88,26 @@ def prompt_gain(policy: ScoreAsAction | None, task, texts: list[str], per_prompt
     return out
 
 
+def prompt_log(prompts: str, policy: ScoreAsAction, task, per_prompt: int, steps: int, seed: int, **kw) -> dict:
+    """A training log's figures of one eval_prompts list (a built-in list or a file), keys eval_{name}_...:
+    `prompt_gain` under DDIM (eta = 0) on the scheduler's grid: the policy's reward, the paired gain and, for
+    shapes captions, GenEval's overall accuracy of both models, its paired gain and the policy's per category."""
+    from scoreaction.tasks.diffusers import read_prompts
+    from scoreaction.train.config import prompt_label
+
+    texts = list(dict.fromkeys(read_prompts(prompts)))
+    r = prompt_gain(policy, task, texts, per_prompt, "ddim", steps, seed, grid="scheduler", **kw)
+    name = f"eval_{prompt_label(prompts)}"
+    out = {f"{name}_reward": r["reward"], f"{name}_gain": r["gain"], f"{name}_gain_se": r["gain_se"]}
+    if "accuracy" in r:
+        gain = r["accuracy_gain"]["overall"]
+        out.update({f"{name}_accuracy": r["accuracy"]["overall"],
+                    f"{name}_accuracy_pretrained": r["accuracy_pretrained"]["overall"],
+                    f"{name}_accuracy_gain": gain["gain"], f"{name}_accuracy_gain_se": gain["se"],
+                    **{f"{name}_{c}": v for c, v in r["accuracy"]["per_category"].items()}})
+    return out
+
+
 def solver_gain(policy: ScoreAsAction, task, solver: str, steps: int, n: int = 4096, seed: int = 0, **kw) -> dict:
     """Mean reward of policy and pretrained model under one solver and grid, and the paired gain."""
     _, r_pol = sample_with(policy, task, solver, steps, n, seed, **kw)

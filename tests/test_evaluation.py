@@ -66,10 +66,15 @@ def test_evaluate_cli_on_prompts_pairs_a_run_with_its_pretrained_model(tmp_path,
     code, _, err = run_cli(capsys, "train", "--set", "task.name=diffusers", "--set", "task.model=shapes",
                            "--set", "task.prompts=shapes-train", "--set", "task.reward=geneval", "--kernel", "ddim",
                            "--grid", "scheduler", "--steps", "3", "--batch-size", "4", "--updates", "1",
-                           "--eval-every", "1", "--threads", "1", "-q", "--out", str(run))
+                           "--eval-every", "1", "--threads", "1", "-q", "--out", str(run),
+                           "--set", f"eval_prompts=[{prompts}]", "--set", "eval_per_prompt=2")
     assert code == 0, err
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [0, 1] and log[0]["eval_path_kl"] == 0.0  # the baseline
+    # each evaluation also scores the eval_prompts file, paired with the pretrained model: nothing gained at step 0
+    assert log[0]["eval_prompts_accuracy"] == log[0]["eval_prompts_accuracy_pretrained"] == \
+        log[1]["eval_prompts_accuracy_pretrained"] and log[0]["eval_prompts_gain"] == 0.0
+    assert {f"eval_prompts_{c}" for c in map(category, CAPTIONS)} < set(log[1]) and "eval_prompts_gain_se" in log[1]
     code, out, err = run_cli(capsys, "evaluate", "--checkpoint", str(run), "--prompts", str(prompts), "--per-prompt",
                              "2", "--solver", "ddim", "--steps", "4", "--json", "--threads", "1")
     assert code == 0, err

@@ -325,7 +325,7 @@ CASES = [
         (["--set", "task.beta_kl=.inf"], "beta_kl must be finite"), (["--config", f"{W}/bad.yaml"], "YAML"),
     ]],
     (["sample", "--task", "gaussian", "-q", "--n", "10", "--out", f"{W}/emptydir"], "emptydir"),
-    (["evaluate"], "--checkpoint is required"),
+    (["evaluate"], "expected --checkpoint (a checkpoint folder or a run folder) or --pretrained"),
     *[(["evaluate", "--checkpoint", f"{W}/{name}", "--n", "16", "--steps", "2"], DAMAGE_NAMED.get(name, name))
       for name in DAMAGED[1::3]],
     *[(["evaluate", "--checkpoint", f"{W}/{name}"], fragment) for name, fragment in BAD_RUNS[:4]],

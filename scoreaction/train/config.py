@@ -100,6 +100,11 @@ class TrainConfig(Options):
     eval_every: int = option(20, help="evaluate J(theta) every N updates (0: only at the end)")
     eval_n: int | None = option(None, help="evaluation samples (default: the task's)")
     eval_steps: int | None = option(None, help="evaluation grid steps (default: the task's)")
+    eval_prompts: list = option(factory=list, help="text-to-image: prompt lists or files (e.g. shapes-heldout) "
+                                                   "whose images each evaluation also scores, paired with the "
+                                                   "pretrained model (evaluation.prompt_gain; GenEval accuracy for "
+                                                   "shapes captions)")
+    eval_per_prompt: int = option(4, help="images per prompt of each eval_prompts list")
     checkpoint_every: int = option(0, help="write a checkpoint every N updates (0: only at the end)")
     max_skipped: int = option(3, help="consecutive updates that change no weight (a non-finite reward, or every "
                                       "optimiser step skipped or rolled back as non-finite) before the run stops")
@@ -118,7 +123,8 @@ class TrainConfig(Options):
         elif type(self.algo) is not cls.Config:
             raise ValueError(f"algo must be {self.algorithm}'s options ({cls.Config.__name__}), "
                              f"found {type(self.algo).__name__}")
-        for name in ("steps", "batch_size", "updates", "hidden", "max_skipped"):
+        self.check_eval_prompts()
+        for name in ("steps", "batch_size", "updates", "hidden", "max_skipped", "eval_per_prompt"):
             check_positive_int(name, getattr(self, name))
         for name in ("eval_n", "eval_steps", "rollout_batch", "micro_batch"):
             if getattr(self, name) is not None:
@@ -141,6 +147,21 @@ class TrainConfig(Options):
             raise ValueError(f"batch_size must be a multiple of {self.algorithm}'s group_size={group}, "
                              f"found {self.batch_size}")
 
+    def check_eval_prompts(self) -> None:
+        """eval_prompts: a list of prompt lists or files of a text-to-image task, each readable, none twice."""
+        prompts = self.eval_prompts
+        if not isinstance(prompts, list) or not all(isinstance(p, str) and p for p in prompts):
+            raise ConfigError(f"eval_prompts must be a list of prompt lists or files, found {prompts!r}")
+        if prompts and self.task.name != "diffusers":
+            raise ConfigError(f"eval_prompts are for text-to-image tasks (diffusers), found task {self.task.name!r}")
+        from scoreaction.tasks.diffusers import read_prompts
+
+        labels = [prompt_label(p) for p in prompts]
+        if len(set(labels)) < len(labels):
+            raise ConfigError(f"eval_prompts must have distinct names (the log's keys), found {prompts!r}")
+        for p in prompts:
+            read_prompts(p)
+
     def check_sizes(self) -> None:
         """Sizes refused before anything is allocated: a lower bound of their memory (the rollout batch's states
         over the grid, in the run's dtype; one hidden x hidden weight matrix) beyond this machine's."""
@@ -160,3 +181,10 @@ class TrainConfig(Options):
         """The nested-mapping form (what config.json and checkpoints hold; `from_dict` reads it back)."""
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
         return {**out, "task": self.task.to_dict(), "algo": self.algo.to_dict()}
+
+
+def prompt_label(prompts: str) -> str:
+    """The name of an eval_prompts entry in the log: a built-in list's name, a file's stem."""
+    from pathlib import Path
+
+    return Path(prompts).stem if ("/" in prompts or "." in prompts) else prompts

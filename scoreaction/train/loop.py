@@ -39,7 +39,7 @@ from scoreaction import distributed
 from scoreaction.algorithms import Batch, make_algorithm
 from scoreaction.config import merge, shown
 from scoreaction.errors import CheckpointError, ScoreactionError
-from scoreaction.evaluation import objective
+from scoreaction.evaluation import objective, prompt_log
 from scoreaction.io import atomic_write_bytes
 from scoreaction.outputs import RUN, claim_folder, same_path
 from scoreaction.policy import ScoreAsAction
@@ -51,8 +51,8 @@ from scoreaction.train.config import TrainConfig, resolve_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 EVAL_SEED_OFFSET = 1_000_003
-RESUMABLE = ("updates", "eval_every", "eval_n", "eval_steps", "checkpoint_every", "max_skipped", "device",
-             "rollout_batch", "micro_batch", "tensorboard", "image_every", "timeout", "out")
+RESUMABLE = ("updates", "eval_every", "eval_n", "eval_steps", "eval_prompts", "eval_per_prompt", "checkpoint_every",
+             "max_skipped", "device", "rollout_batch", "micro_batch", "tensorboard", "image_every", "timeout", "out")
 DIAGNOSTICS = ("loss", "approx_kl", "clipfrac", "ratio_mean")
 
 
@@ -313,7 +313,11 @@ class Trainer:
                             seed=self.config.seed + EVAL_SEED_OFFSET, dtype=self.dtype, device=self.device)
         finally:
             self.policy.reference = saved
-        return {f"eval_{k}": v for k, v in out.items()}
+        out = {f"eval_{k}": v for k, v in out.items()}
+        for prompts in self.config.eval_prompts:  # DDIM (eta = 0) on the scheduler's grid, the same seed each time
+            out.update(prompt_log(prompts, self.policy, self.task, self.config.eval_per_prompt, steps or self.eval_steps,
+                                  self.config.seed + EVAL_SEED_OFFSET, dtype=self.dtype))
+        return out
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save(self, metrics: dict | None = None) -> Path:

@@ -88,7 +88,7 @@ def test_config_file_then_flags_then_set(capsys, tmp_path):
     (["reference", "--task", "digits"], "has no exact reference"),
     (["train", "--set", "algo.lr=.inf", "--set", "task.dimm=2"], "unknown option 'dimm' for task 'gaussian'"),
     (["train", "--algorithm", "grpo", "--batch-size", "20"], "batch_size must be a multiple of grpo's group_size=16"),
-    (["evaluate"], "--checkpoint is required"),
+    (["evaluate"], "expected --checkpoint (a checkpoint folder or a run folder) or --pretrained"),
     (["bench", "--task", "nope"], "--task must be one of"),
     (["bench", "--task", "digits", "--only", "cost"], "--only applies to --task exact and efficiency"),
     (["bench", "--task", "efficiency", "--methods", "foo"], "methods must be a non-empty subset of ['ctrl', "),
