@@ -1,6 +1,7 @@
 """`scoreaction bench`: optimality, solver robustness and cost of every algorithm on the exact tasks
 (experiments/finetune_bench.py), `--task digits` (experiments/digits_bench.py), or `--task diffusers`: the cost of
-an update on a diffusers pipeline beside TRL's DDPOTrainer (experiments/diffusers_bench.py)."""
+an update on a diffusers pipeline beside TRL's DDPOTrainer (experiments/diffusers_bench.py), or `--task t2i`: GenEval
+accuracy of the shipped shapes model fine-tuned by ctrl, ddpo, grpo and TRL's DDPOTrainer (experiments/t2i.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from scoreaction.cli.options import add_config_args, add_options, assemble
 from scoreaction.config import Options, check_positive_int, check_seed, option
 from scoreaction.outputs import check_output_folder
 
-BENCH_TASKS = ("exact", "efficiency", "digits", "diffusers")
+BENCH_TASKS = ("exact", "efficiency", "digits", "diffusers", "t2i")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -25,12 +26,14 @@ class BenchOptions(Options):
     task: str = option("exact", help="exact: the gaussian and mixture benchmark; efficiency: its multi-seed sample "
                                      "efficiency (trajectories to 80/90/95 % closed, 95 % intervals); digits: ctrl "
                                      "against ddpo, dpok and grpo on a learned image reward; diffusers: seconds and "
-                                     "memory per update on a diffusers pipeline, beside TRL's DDPOTrainer")
+                                     "memory per update on a diffusers pipeline, beside TRL's DDPOTrainer; t2i: GenEval "
+                                     "accuracy of the shapes model fine-tuned by ctrl, ddpo, grpo and TRL")
     only: str | None = option(None, help="with task exact: comma-separated subset of optimality,robustness,cost; "
                                          "with task efficiency: of methods,settings")
-    seeds: int = option(5, help="with task efficiency: seeds per cell (seed+1 ... seed+N)")
+    seeds: int = option(5, help="with task efficiency and t2i: seeds per cell (seed+1 ... seed+N)")
     methods: str | None = option(None, help="with task efficiency: comma-separated methods of its methods section "
-                                            "(default all); their runs replace those in efficiency.json")
+                                            "(default all), their runs replacing those in efficiency.json; with task "
+                                            "t2i: of ctrl,ddpo,grpo,trl")
     quick: bool = option(False, help="tiny budgets, under a minute: a smoke test")
     seed: int = option(0, help="random seed")
     workers: int = option(2, help="processes for the training runs (diffusers measures one configuration at a time)")
@@ -47,11 +50,11 @@ class BenchOptions(Options):
         if self.only is not None and self.task not in ("exact", "efficiency"):
             raise ValueError(f"--only applies to --task exact and efficiency, not to --task {self.task}")
         check_positive_int("seeds", self.seeds)
-        if self.task != "efficiency" and self.seeds != 5:
-            raise ValueError(f"--seeds applies to --task efficiency, not to --task {self.task}")
-        if self.methods is not None and self.task != "efficiency":
-            raise ValueError(f"--methods applies to --task efficiency, not to --task {self.task}")
-        if self.task == "efficiency" and self.seeds < 2:
+        if self.task not in ("efficiency", "t2i") and self.seeds != 5:
+            raise ValueError(f"--seeds applies to --task efficiency and t2i, not to --task {self.task}")
+        if self.methods is not None and self.task not in ("efficiency", "t2i"):
+            raise ValueError(f"--methods applies to --task efficiency and t2i, not to --task {self.task}")
+        if self.task in ("efficiency", "t2i") and self.seeds < 2:
             raise ValueError(f"--seeds must be at least 2 for an interval over seeds, found {self.seeds}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {list(DEVICES)}, found {self.device!r}")
@@ -123,6 +126,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                             workers=opts.workers,
                                             **({} if opts.methods is None else
                                                {"methods": tuple(m.strip() for m in opts.methods.split(","))}))
+    elif opts.task == "t2i":
+        from scoreaction.experiments import t2i as bench
+
+        seeds = list(range(opts.seed + 1, opts.seed + 1 + opts.seeds))
+        methods = None if opts.methods is None else [m.strip() for m in opts.methods.split(",") if m.strip()]
+        if methods is not None and "trl" in methods and not bench.trl_installed():
+            print(f"scoreaction: {bench.TRL_MISSING}", file=sys.stderr)
+        if opts.quick:
+            config = bench.T2IConfig.quick_config(out, seeds=seeds[:2] if opts.seeds == 5 else seeds, methods=methods,
+                                                  command=opts.command())
+        else:
+            config = bench.T2IConfig(out=out, command=opts.command(), seeds=seeds, workers=opts.workers,
+                                     **({} if methods is None else {"methods": methods}))
     elif opts.task == "digits":
         from scoreaction.experiments import digits_bench as bench
 

@@ -1,10 +1,16 @@
-"""What the experiments share: worker pools with pinned threads, and the machine a run was measured on."""
+"""What the experiments share: worker pools with pinned threads, the machine a run was measured on, intervals over
+seeds, and a unit of work in a fresh process (JSON in, JSON out)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
+import subprocess
+import sys
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -46,3 +52,58 @@ def machine_info(config) -> dict:
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "workers": config.workers, "threads_per_process": config.threads,
             "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+# --- statistics over seeds ------------------------------------------------------------------------------------
+T_975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
+         2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
+         2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
+
+
+def t_975(df: int) -> float:
+    """Student's t quantile t_{0.975, df}: a table up to 30 degrees of freedom, beyond it the Cornish-Fisher
+    expansion around z = 1.959964 (error below 1e-6 there), so that no statistics library is needed."""
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % Student-t interval over seeds (inf for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.inf
+    return mean, t_975(n - 1) * sd / math.sqrt(n) if n > 1 else math.inf
+
+
+def first_reach(xs: list[float], ys: list[float], level: float) -> float | None:
+    """The x at which the curve ys(xs) first reaches `level` (linear interpolation between evaluations; xs[0]
+    if it starts there), None if it never does."""
+    if ys and ys[0] >= level:
+        return xs[0]
+    for i in range(1, len(ys)):
+        if ys[i] >= level:
+            w = (level - ys[i - 1]) / (ys[i] - ys[i - 1]) if ys[i] > ys[i - 1] else 1.0
+            return xs[i - 1] + min(max(w, 0.0), 1.0) * (xs[i] - xs[i - 1])
+    return None
+
+
+# --- one unit of work in a fresh process ----------------------------------------------------------------------
+def run_child(module: str, payload: dict, result: Path, threads: int, timeout: float) -> tuple[dict | None, str | None]:
+    """`module.child_main(json.dumps(payload), str(result))` in a fresh Python process with `threads` torch threads,
+    offline, at most `timeout` seconds; data in and out as JSON, never pickle. (the JSON it wrote, None) or, if it
+    failed, (None, the error in one line)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    script = f"import sys; from {module} import child_main; child_main(*sys.argv[1:])"
+    try:
+        proc = subprocess.run([sys.executable, "-c", script, json.dumps(payload), str(result)], capture_output=True,
+                              text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    if proc.returncode != 0 or not result.is_file():
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["no output"]
+        return None, f"exit code {proc.returncode}: {lines[-1]}"
+    return json.loads(result.read_text()), None

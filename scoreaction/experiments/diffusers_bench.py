@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -210,25 +209,18 @@ def run(config: DiffusersBenchConfig, log: Callable[[str], None] | None = None) 
 
 def run_cell(cell: Cell, work: Path, timeout: float) -> CellResult:
     """`measure(cell)` in a fresh Python process with `cell.threads` threads, offline; a failure is the cell's error."""
+    from scoreaction.experiments.common import run_child
+
     result = work / (f"{cell.side}-{cell.algorithm}-{cell.beta_kl:g}-{cell.micro_batch}-{cell.steps}-"
                      f"{cell.batch_size}.json")
-    env = {**os.environ, "OMP_NUM_THREADS": str(cell.threads), "MKL_NUM_THREADS": str(cell.threads),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    script = "import sys; from scoreaction.experiments.diffusers_jobs import child_main; child_main(*sys.argv[1:])"
     start = time.perf_counter()
     done = CellResult(label=cell.label, side=cell.side, algorithm=cell.algorithm, beta_kl=cell.beta_kl,
                       steps=cell.steps, batch_size=cell.batch_size, load_start=list(os.getloadavg()))
-    try:
-        proc = subprocess.run([sys.executable, "-c", script, json.dumps(dataclasses.asdict(cell)), str(result)],
-                              capture_output=True, text=True, timeout=timeout, env=env, check=False)
-    except subprocess.TimeoutExpired:
-        done.error = f"timed out after {timeout:.0f} s"
-        return done
-    if proc.returncode != 0 or not result.is_file():
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()] or ["no output"]
-        done.error = f"exit code {proc.returncode}: {lines[-1]}"
-        return done
-    return dataclasses.replace(done, wall_seconds=time.perf_counter() - start, **json.loads(result.read_text()))
+    measured, error = run_child("scoreaction.experiments.diffusers_jobs", dataclasses.asdict(cell), result,
+                                cell.threads, timeout)
+    if error is not None:
+        return dataclasses.replace(done, error=error)
+    return dataclasses.replace(done, wall_seconds=time.perf_counter() - start, **measured)
 
 
 def save_pipeline(preset: str, seed: int, folder: str) -> None:

@@ -178,7 +178,7 @@ def trl_side(cell: Cell):
 
     import torch
     from accelerate import PartialState
-    from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+    from trl import DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
     from scoreaction.rewards.images import make_image_reward
     from scoreaction.tasks.diffusers import PROMPT_LISTS
@@ -208,15 +208,9 @@ def trl_side(cell: Cell):
         compute_rewards = clocked("reward", DDPOTrainer.compute_rewards)
         _train_batched_samples = clocked("update", DDPOTrainer._train_batched_samples)
 
-    config = DDPOConfig(num_epochs=cell.warmup + cell.updates, seed=cell.seed, log_with=None,
-                        mixed_precision="no" if cell.precision == "fp32" else cell.precision,
-                        accelerator_kwargs={"cpu": cell.device == "cpu"}, save_freq=10**9,
-                        logdir=tempfile.mkdtemp(prefix="scoreaction-bench-trl-"), sample_num_steps=cell.steps,
-                        sample_eta=cell.eta, sample_guidance_scale=cell.guidance_scale,
-                        sample_batch_size=cell.batch_size, sample_num_batches_per_epoch=1,
-                        train_batch_size=cell.batch_size // cell.minibatches, train_gradient_accumulation_steps=1,
-                        train_num_inner_epochs=cell.epochs, train_learning_rate=cell.lr, train_clip_range=1e-4,
-                        train_adv_clip_max=5.0, train_timestep_fraction=1.0)
+    config = ddpo_config(updates=cell.warmup + cell.updates, seed=cell.seed, device=cell.device,
+                         precision=cell.precision, steps=cell.steps, eta=cell.eta, guidance_scale=cell.guidance_scale,
+                         batch_size=cell.batch_size, minibatches=cell.minibatches, epochs=cell.epochs, lr=cell.lr)
     trainer = Timed(config, lambda images, texts, meta: (reward(images.float()), {}),
                     lambda: (rng.choice(prompts), {}), pipe)
     trainer.sd_pipeline.set_progress_bar_config(disable=True)
@@ -233,3 +227,19 @@ def trl_side(cell: Cell):
                 "seconds_update": train}
 
     return update, probe
+
+
+def ddpo_config(*, updates: int, seed: int, device: str, precision: str, steps: int, eta: float, guidance_scale: float,
+                batch_size: int, minibatches: int, epochs: int, lr: float, clip: float = 1e-4, adv_clip: float = 5.0):
+    """TRL's DDPOConfig for `updates` calls of DDPOTrainer.step: one sampling batch of `batch_size` per step, trained
+    in `minibatches` optimiser steps per epoch over all K timesteps, no trackers, checkpoints or hub."""
+    from trl import DDPOConfig
+
+    return DDPOConfig(num_epochs=updates, seed=seed, log_with=None,
+                      mixed_precision="no" if precision == "fp32" else precision,
+                      accelerator_kwargs={"cpu": device == "cpu"}, save_freq=10**9,
+                      logdir=tempfile.mkdtemp(prefix="scoreaction-bench-trl-"), sample_num_steps=steps,
+                      sample_eta=eta, sample_guidance_scale=guidance_scale, sample_batch_size=batch_size,
+                      sample_num_batches_per_epoch=1, train_batch_size=batch_size // minibatches,
+                      train_gradient_accumulation_steps=1, train_num_inner_epochs=epochs, train_learning_rate=lr,
+                      train_clip_range=clip, train_adv_clip_max=adv_clip, train_timestep_fraction=1.0)

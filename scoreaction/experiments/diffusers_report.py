@@ -35,13 +35,14 @@ def max_load(results) -> float:
     return max([c.load_start[0] for c in results.cells] + [results.machine["load_average_start"][0]])
 
 
-def header(results) -> list[str]:
+def header(results, title: str = "Diffusers benchmark: scoreaction's updates beside TRL's DDPOTrainer") -> list[str]:
+    """The title, the command and the provenance: date, commit, machine, versions, load, wall time."""
     m, v, cfg = results.machine, results.versions, results.config
     loads = [", ".join(f"{x:.2f}" for x in m[key]) for key in ("load_average_start", "load_average_end")]
     device = m["device"] + (f" ({m['gpu']})" if m.get("gpu") else "")
     loaded = " (above 2.5: the machine was loaded, timings are slower than on an idle one)" if max_load(results) > 2.5 \
         else ""
-    lines = ["# Diffusers benchmark: scoreaction's updates beside TRL's DDPOTrainer", "", "```", results.command, "```",
+    lines = [f"# {title}", "", "```", results.command, "```",
              "", f"- Date: {results.date}; commit {results.git}",
              f"- Machine: {m['cpu_count']} CPUs ({m['processor']}), {m['platform']}, Python {m['python']}; device "
              f"{device}; {cfg.threads} torch thread(s) per process, "

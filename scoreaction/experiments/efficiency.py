@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from scoreaction.config import Options, check_positive_int, option
-from scoreaction.experiments.common import executor, machine_info
+from scoreaction.experiments.common import executor, first_reach, interval, machine_info
 from scoreaction.experiments.finetune_config import ROBUSTNESS_BASE, ROBUSTNESS_SOLVERS, Variant
 from scoreaction.experiments.finetune_jobs import SCRATCH, EvalPlan, optimal_policy, robustness_gains
 from scoreaction.io import atomic_write_bytes
@@ -299,24 +299,9 @@ def run_job(args: tuple[RunJob, Reference, EfficiencyConfig]) -> Run:
 
 
 # --- statistics -------------------------------------------------------------------------------------------------
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % Student-t interval over seeds."""
-    from scipy.stats import t
-
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.inf
-    return mean, float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n) if n > 1 else math.inf
-
-
 def trajectories_to(run: Run, level: float) -> float | None:
     """Sampled trajectories at which the run's curve first reaches `level`, interpolated linearly; None if never."""
-    xs, ys = run.trajectories, run.fraction
-    for i in range(1, len(ys)):
-        if ys[i] >= level:
-            w = (level - ys[i - 1]) / (ys[i] - ys[i - 1]) if ys[i] > ys[i - 1] else 1.0
-            return xs[i - 1] + min(max(w, 0.0), 1.0) * (xs[i] - xs[i - 1])
-    return None
+    return first_reach(run.trajectories, run.fraction, level)
 
 
 @dataclass

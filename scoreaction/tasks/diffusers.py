@@ -208,8 +208,9 @@ class DiffusersTask(Task):
 
     # --- conditions, grids, images ------------------------------------------------------------------
     def sample_conditions(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n prompt indices, uniformly over the prompt list."""
-        return torch.randint(len(self.prompts.texts), (n,), generator=generator)
+        """n prompt indices, uniformly over the training prompt list (the first `num_classes` prompts: prompts added
+        later by `add_prompts`, e.g. held-out ones being evaluated, are never drawn for training)."""
+        return torch.randint(self.num_classes, (n,), generator=generator)
 
     def add_prompts(self, texts: list[str]) -> torch.Tensor:
         """Indices of `texts` as conditions, encoding the ones not seen before."""

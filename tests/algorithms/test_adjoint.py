@@ -130,7 +130,7 @@ def test_cli_trains_and_rejects_bad_input(tmp_path, capsys):
                            "4", "--hidden", "16", "--eval-n", "64", "--out", str(out), "-q")
     assert code == 0, err
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2] and all(m["loss"] >= 0 for m in lines)
+    assert [m["step"] for m in lines] == [0, 1, 2] and all(m["loss"] >= 0 for m in lines[1:])  # 0: the baseline
     code, _, err = run_cli(capsys, "train", "--algorithm", "adjoint", "--set", "task.beta_kl=0", "--out",
                            str(tmp_path / "bad"), "-q")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "adjoint needs beta_kl > 0" in err
