@@ -26,11 +26,12 @@ class BenchOptions(Options):
     task: str = option("exact", help="exact: the gaussian and mixture benchmark; efficiency: its multi-seed sample "
                                      "efficiency (trajectories to 80/90/95 % closed, 95 % intervals); digits: ctrl "
                                      "against ddpo, dpok and grpo on a learned image reward; diffusers: seconds and "
-                                     "memory per update on a diffusers pipeline, beside TRL's DDPOTrainer; t2i: GenEval "
-                                     "accuracy of the shapes model fine-tuned by ctrl, ddpo, grpo and TRL")
+                                     "memory per update on a diffusers pipeline, beside TRL's DDPOTrainer; t2i: "
+                                     "GenEval accuracy of the shapes model fine-tuned by ctrl, ddpo, grpo and TRL")
     only: str | None = option(None, help="with task exact: comma-separated subset of optimality,robustness,cost; "
                                          "with task efficiency: of methods,settings")
-    seeds: int = option(5, help="with task efficiency and t2i: seeds per cell (seed+1 ... seed+N)")
+    seeds: int = option(5, help="with task efficiency and t2i: seeds per cell (seed+1 ... seed+N; t2i --quick: 2 "
+                                "unless given)")
     methods: str | None = option(None, help="with task efficiency: comma-separated methods of its methods section "
                                             "(default all), their runs replacing those in efficiency.json; with task "
                                             "t2i: of ctrl,ddpo,grpo,trl")
@@ -131,7 +132,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         seeds = list(range(opts.seed + 1, opts.seed + 1 + opts.seeds))
         methods = None if opts.methods is None else [m.strip() for m in opts.methods.split(",") if m.strip()]
-        if methods is not None and "trl" in methods and not bench.trl_installed():
+        if "trl" in (methods or bench.METHODS) and not bench.trl_installed():
             print(f"scoreaction: {bench.TRL_MISSING}", file=sys.stderr)
         if opts.quick:
             config = bench.T2IConfig.quick_config(out, seeds=seeds[:2] if opts.seeds == 5 else seeds, methods=methods,

@@ -230,9 +230,11 @@ def trl_side(cell: Cell):
 
 
 def ddpo_config(*, updates: int, seed: int, device: str, precision: str, steps: int, eta: float, guidance_scale: float,
-                batch_size: int, minibatches: int, epochs: int, lr: float, clip: float = 1e-4, adv_clip: float = 5.0):
+                batch_size: int, minibatches: int, epochs: int, lr: float, clip: float = 1e-4, adv_clip: float = 5.0,
+                **options):
     """TRL's DDPOConfig for `updates` calls of DDPOTrainer.step: one sampling batch of `batch_size` per step, trained
-    in `minibatches` optimiser steps per epoch over all K timesteps, no trackers, checkpoints or hub."""
+    in `minibatches` optimiser steps per epoch over all K timesteps, no trackers, checkpoints or hub; `options`: more
+    of DDPOConfig's fields."""
     from trl import DDPOConfig
 
     return DDPOConfig(num_epochs=updates, seed=seed, log_with=None,
@@ -242,4 +244,4 @@ def ddpo_config(*, updates: int, seed: int, device: str, precision: str, steps: 
                       sample_eta=eta, sample_guidance_scale=guidance_scale, sample_batch_size=batch_size,
                       sample_num_batches_per_epoch=1, train_batch_size=batch_size // minibatches,
                       train_gradient_accumulation_steps=1, train_num_inner_epochs=epochs, train_learning_rate=lr,
-                      train_clip_range=clip, train_adv_clip_max=adv_clip, train_timestep_fraction=1.0)
+                      train_clip_range=clip, train_adv_clip_max=adv_clip, train_timestep_fraction=1.0, **options)

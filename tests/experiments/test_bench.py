@@ -140,4 +140,4 @@ def test_quick_digits_bench_compares_the_algorithms_on_one_learned_reward(tmp_pa
         assert f"| {r['algorithm']} | {j_gain:+.3f} | {last['utility'] - first['utility']:+.3f} " \
                f"({(last['utility'] - first['utility']) / unit:+.2f}) |" in text
     assert all(math.isfinite(v) for v in numbers(results))
-    assert main(["bench", "--task", "points"]) == 2 and "--task must be one of ['exact', 'efficiency', 'digits', 'diffusers'], found 'points'" in capsys.readouterr().err
+    assert main(["bench", "--task", "points"]) == 2 and "--task must be one of ['exact', 'efficiency', 'digits', 'diffusers', 't2i'], found 'points'" in capsys.readouterr().err
