@@ -64,7 +64,7 @@ SHAPES_MODEL = Output(f"pretrained shapes pipeline folder (model_index.json, {RE
 
 @dataclass
 class ShapesPretrainConfig(Options):
-    """Sizes, steps and learning rates of the three stages (module docstring)."""
+    """Sizes, steps and learning rates of the three stages (module docstring); the defaults are the shipped model's."""
 
     size: int = option(32, help="image size in pixels (a multiple of 4; latents are size / 4)")
     split: str = option("all", help="captions to train on: all, train or heldout (scenes.sample_batch)")
@@ -74,19 +74,19 @@ class ShapesPretrainConfig(Options):
     vision_layers: int = option(3, help="CLIP vision tower layers")
     patch: int = option(4, help="CLIP vision patch size in pixels")
     projection: int = option(64, help="CLIP embedding size")
-    clip_steps: int = option(3000, help="CLIP training steps")
+    clip_steps: int = option(800, help="CLIP training steps")
     clip_batch: int = option(128, help="CLIP batch size")
     clip_lr: float = option(1e-3, help="CLIP learning rate (AdamW)")
     vae_channels: list = option(factory=lambda: [32, 64, 64], flag=False,
                                 help="AutoencoderKL block_out_channels (3 blocks: latents size / 4)")
-    vae_steps: int = option(3000, help="VAE training steps")
+    vae_steps: int = option(800, help="VAE training steps")
     vae_batch: int = option(64, help="VAE batch size")
     vae_lr: float = option(1e-3, help="VAE learning rate (AdamW)")
     vae_kl: float = option(1e-5, help="weight of the KL term of the VAE loss (per latent value)")
     unet_channels: list = option(factory=lambda: [64, 128], flag=False,
                                  help="UNet block_out_channels (each block with cross-attention)")
     unet_layers: int = option(2, help="UNet layers per block")
-    unet_steps: int = option(20000, help="UNet training steps")
+    unet_steps: int = option(3000, help="UNet training steps")
     unet_batch: int = option(64, help="UNet batch size")
     unet_lr: float = option(5e-4, help="UNet learning rate (AdamW, cosine decay to 0)")
     unet_ema: float = option(0.999, help="decay of the UNet weights' moving average (0: the last weights)")

@@ -183,7 +183,7 @@ def test_export_lora_reproduces_samples_in_stock_diffusers(tmp_path, model):
         for pipe in (stock, merged):
             ref = pipe(prompts, latents=x0.clone(), num_inference_steps=6, guidance_scale=3.0, eta=0.0,
                        output_type="latent").images
-            assert torch.allclose(ours, ref, atol=1e-4), float((ours - ref).abs().max())
+            assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), float((ours - ref).abs().max())  # float32 round-off
     assert (ours - pre).abs().max() > 0.1  # the LoRA matters
 
 
