@@ -1,7 +1,6 @@
 """The shipped shapes model (scoreaction/assets/shapes): a StableDiffusionPipeline folder within the package budget,
 with the record of the command that trained it; stock diffusers samples scenes that follow their captions; the
-names `shapes` (task.model), `shapes-train` / `shapes-heldout` (task.prompts) and `clip:shapes` (reward) select it;
-and a short ctrl run on it raises the checker's score by a margin that holds on any CPU."""
+names `shapes` (task.model), `shapes-train` / `shapes-heldout` (task.prompts) and `clip:shapes` (reward) select it."""
 
 import json
 
